@@ -1,0 +1,139 @@
+"""Group-wise attention for sparse patterns: O(N x (G + S)) memory, never an N x N matrix.
+
+The query heads of a pattern fall into at most two classes (unshifted, shifted). For each class the
+sequence is cut into segments of at most G tokens, taken in the class's token order (identity, or the
+rolled order of ``s2_roll``). Each segment becomes one row of a ``(num_groups, G)`` slot table; its
+keys are the S sink tokens followed by the segment itself::
+
+    slot keys of group g:  [ sink 0 .. sink S-1 | token order[a_g] .. token order[a_g + G - 1] ]
+
+and a ``(num_groups, G, S + G)`` boolean table says which of them each query slot may read: causal
+inside the segment (in the class's order), plus every sink at or before the query that the segment
+does not already contain (so no key is counted twice). One batched masked softmax over that table
+then equals the dense pattern exactly. Padded slots (a short last segment) have no keys; they are
+computed on a safe dummy row and discarded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from sinklora.attention.patterns import PatternSpec, resolve_pattern_like
+
+
+@dataclass(frozen=True)
+class _Layout:
+    heads: tuple[int, int]  # [start, stop) of the query heads in this class
+    slot_token: torch.Tensor  # (nG, G) token index of each query slot (0 where padded)
+    key_token: torch.Tensor  # (nG, S + G) token index of each key slot (0 where padded)
+    allowed: torch.Tensor  # (nG, G, S + G) pattern part of the mask
+    token_slot: torch.Tensor  # (N,) flattened slot that holds each token
+
+
+def _class_segments(spec: PatternSpec, shifted: bool, n: int) -> tuple[torch.Tensor, list[int]]:
+    """Token order and segment starts (indices into the order) for one document of length n."""
+    G, s = spec.group_size, spec.shift
+    order = torch.arange(n)
+    if not shifted or s == 0:
+        starts = list(range(0, n, G))
+    elif spec.rolled:
+        order = torch.roll(order, -s)  # order[i] = (i + s) mod n: LongLoRA's roll by -G/2
+        starts = list(range(0, n, G))
+    else:
+        starts = [0] + list(range(G - s, n, G))
+    return order, starts
+
+
+def _document_layout(spec: PatternSpec, shifted: bool, n: int, offset: int):
+    """Slot tables for one document of length n starting at token ``offset``."""
+    G, num_sink_slots = spec.group_size, spec.sink_tokens  # slot table widths, shared by all documents
+    spec = resolve_pattern_like(spec, n)  # a document no longer than G is one causal group
+    S = min(spec.sink_tokens, n)
+    order, starts = _class_segments(spec, shifted and not spec.is_full, n)
+    nG = len(starts)
+    lengths = torch.tensor([min(spec.group_size, n - a) for a in starts])
+    local = torch.arange(G)
+    valid = local[None, :] < lengths[:, None]  # (nG, G)
+    order_idx = (torch.tensor(starts)[:, None] + local[None, :]).clamp(max=n - 1)
+    slot_pos = torch.where(valid, order[order_idx], 0)  # (nG, G) document-relative position
+
+    # in-segment keys: causal in the class's order (slot index order), both slots real
+    in_seg = (local[None, :, None] >= local[None, None, :]) & valid[:, :, None] & valid[:, None, :]
+    # sink keys: position j < S, at or before the query, and not already a readable in-segment key
+    sink = torch.arange(S)
+    order_of = torch.empty(n, dtype=torch.long)
+    order_of[order] = torch.arange(n)
+    sink_group = torch.bucketize(order_of[sink], torch.tensor(starts), right=True) - 1  # (S,)
+    sink_local = order_of[sink] - torch.tensor(starts)[sink_group]  # (S,)
+    same_seg = sink_group[None, :] == torch.arange(nG)[:, None]  # (nG, S)
+    seen_in_seg = same_seg[:, None, :] & (sink_local[None, None, :] <= local[None, :, None])  # (nG, G, S)
+    sink_ok = (sink[None, None, :] <= slot_pos[:, :, None]) & valid[:, :, None] & ~seen_in_seg
+    if S < num_sink_slots:  # a short document: pad the sink slots so all documents share one table
+        pad = num_sink_slots - S
+        sink_ok = torch.cat([sink_ok, sink_ok.new_zeros(nG, G, pad)], dim=-1)
+        sink = torch.cat([sink, sink.new_zeros(pad)])
+    allowed = torch.cat([sink_ok, in_seg], dim=-1)  # (nG, G, S + G)
+    key_token = torch.cat([sink[None, :].expand(nG, -1), slot_pos], dim=-1) + offset
+    flat = torch.full((n,), -1, dtype=torch.long)
+    flat[slot_pos[valid]] = torch.arange(nG * G).reshape(nG, G)[valid]
+    return slot_pos + offset, key_token, allowed, flat
+
+
+@lru_cache(maxsize=64)
+def _layouts(spec: PatternSpec, doc_lengths: tuple[int, ...]) -> tuple[_Layout, ...]:
+    classes = [(0, spec.first_shifted_head, False), (spec.first_shifted_head, spec.num_heads, True)]
+    layouts = []
+    for start, stop, shifted in classes:
+        if start == stop:
+            continue
+        parts, offset, slots_before = [], 0, 0
+        for n in doc_lengths:
+            slot_tok, key_tok, ok, flat = _document_layout(spec, shifted, n, offset)
+            parts.append((slot_tok, key_tok, ok, flat + slots_before))
+            offset, slots_before = offset + n, slots_before + slot_tok.numel()
+        slot_token, key_token, ok, token_slot = (torch.cat(p) for p in zip(*parts))
+        layouts.append(_Layout((start, stop), slot_token, key_token, ok, token_slot))
+    return tuple(layouts)
+
+
+def grouped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: PatternSpec,
+    scale: float,
+    key_padding_mask: torch.Tensor | None = None,
+    doc_lengths: tuple[int, ...] | None = None,
+) -> torch.Tensor:
+    """q ``(B, Hq, N, D)``, k/v ``(B, Hkv, N, D)`` -> ``(B, Hq, N, D)``; see the module docstring.
+
+    ``key_padding_mask`` ``(B, N)`` True = real token; ``doc_lengths`` splits the sequence into packed
+    documents (positions, groups and sinks restart in each).
+    """
+    B, Hq, N, D = q.shape
+    rep = Hq // k.shape[1]
+    outs = []
+    for lay in _layouts(spec, doc_lengths or (N,)):
+        dev = q.device
+        slot_token, key_token = lay.slot_token.to(dev), lay.key_token.to(dev)
+        allowed = lay.allowed.to(dev)  # (nG, G, S+G)
+        if key_padding_mask is not None:
+            allowed = allowed[None] & key_padding_mask[:, key_token][:, :, None, :]  # (B, nG, G, S+G)
+            allowed = allowed[:, None]  # (B, 1, nG, G, S+G) broadcasts over heads
+        has_key = allowed.any(-1, keepdim=True)  # rows with no key (padding) -> zeros
+        allowed = allowed | ~has_key
+
+        heads = torch.arange(*lay.heads, device=dev)
+        q_c = q[:, heads]  # (B, h, N, D)
+        k_c, v_c = k[:, heads // rep], v[:, heads // rep]
+        q_g = q_c[:, :, slot_token]  # (B, h, nG, G, D)
+        k_g, v_g = k_c[:, :, key_token], v_c[:, :, key_token]  # (B, h, nG, S+G, D)
+        scores = (q_g @ k_g.transpose(-1, -2)) * scale  # (B, h, nG, G, S+G)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+        o_g = (probs @ v_g) * has_key  # (B, h, nG, G, D)
+        outs.append(o_g.flatten(2, 3)[:, :, lay.token_slot.to(dev)])  # (B, h, N, D)
+    return torch.cat(outs, dim=1)
