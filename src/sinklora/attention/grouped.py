@@ -12,6 +12,11 @@ inside the segment (in the class's order), plus every sink at or before the quer
 does not already contain (so no key is counted twice). One batched masked softmax over that table
 then equals the dense pattern exactly. Padded slots (a short last segment) have no keys; they are
 computed on a safe dummy row and discarded.
+
+Fast path: a "clean" group (G real tokens, none of them a sink) needs no table: its query a reads
+all S sinks and group keys 0..a, which is SDPA's causal mask aligned bottom-right on ``[sinks | group]``
+(``causal_lower_right(G, S + G)``), a fused kernel. Only the few irregular groups (the first, the
+short last ones, those holding sinks, and all groups when there is key padding) use the table.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from sinklora.attention.patterns import PatternSpec, resolve_pattern_like
 
@@ -31,6 +38,7 @@ class _Layout:
     key_token: torch.Tensor  # (nG, S + G) token index of each key slot (0 where padded)
     allowed: torch.Tensor  # (nG, G, S + G) pattern part of the mask
     token_slot: torch.Tensor  # (N,) flattened slot that holds each token
+    num_clean: int  # the first num_clean groups are clean (see the module docstring)
 
 
 def _class_segments(spec: PatternSpec, shifted: bool, n: int) -> tuple[torch.Tensor, list[int]]:
@@ -54,7 +62,7 @@ def _document_layout(spec: PatternSpec, shifted: bool, n: int, offset: int):
     S = min(spec.sink_tokens, n)
     order, starts = _class_segments(spec, shifted and not spec.is_full, n)
     nG = len(starts)
-    lengths = torch.tensor([min(spec.group_size, n - a) for a in starts])
+    lengths = torch.diff(torch.tensor(starts + [n]))  # (nG,) each <= G
     local = torch.arange(G)
     valid = local[None, :] < lengths[:, None]  # (nG, G)
     order_idx = (torch.tensor(starts)[:, None] + local[None, :]).clamp(max=n - 1)
@@ -77,9 +85,8 @@ def _document_layout(spec: PatternSpec, shifted: bool, n: int, offset: int):
         sink = torch.cat([sink, sink.new_zeros(pad)])
     allowed = torch.cat([sink_ok, in_seg], dim=-1)  # (nG, G, S + G)
     key_token = torch.cat([sink[None, :].expand(nG, -1), slot_pos], dim=-1) + offset
-    flat = torch.full((n,), -1, dtype=torch.long)
-    flat[slot_pos[valid]] = torch.arange(nG * G).reshape(nG, G)[valid]
-    return slot_pos + offset, key_token, allowed, flat
+    clean = valid.all(-1) & ~same_seg.any(-1)  # (nG,) full length, no sink inside
+    return slot_pos + offset, key_token, allowed, clean
 
 
 @lru_cache(maxsize=64)
@@ -89,14 +96,42 @@ def _layouts(spec: PatternSpec, doc_lengths: tuple[int, ...]) -> tuple[_Layout, 
     for start, stop, shifted in classes:
         if start == stop:
             continue
-        parts, offset, slots_before = [], 0, 0
+        parts, offset = [], 0
         for n in doc_lengths:
-            slot_tok, key_tok, ok, flat = _document_layout(spec, shifted, n, offset)
-            parts.append((slot_tok, key_tok, ok, flat + slots_before))
-            offset, slots_before = offset + n, slots_before + slot_tok.numel()
-        slot_token, key_token, ok, token_slot = (torch.cat(p) for p in zip(*parts))
-        layouts.append(_Layout((start, stop), slot_token, key_token, ok, token_slot))
+            parts.append(_document_layout(spec, shifted, n, offset))
+            offset += n
+        slot_token, key_token, ok, clean = (torch.cat(p) for p in zip(*parts))
+        order = torch.argsort(~clean, stable=True)  # clean groups first
+        slot_token, key_token, ok = slot_token[order], key_token[order], ok[order]
+        G = spec.group_size
+        token_slot = torch.full((offset,), -1, dtype=torch.long)
+        real = ok.any(-1)  # (nG, G) slots holding a token
+        token_slot[slot_token[real]] = torch.arange(slot_token.numel()).reshape(-1, G)[real]
+        assert int(real.sum()) == offset and (token_slot >= 0).all(), "segments must partition the tokens"
+        layouts.append(_Layout((start, stop), slot_token, key_token, ok, token_slot, int(clean.sum())))
     return tuple(layouts)
+
+
+def _table_attention(q_g, k_g, v_g, allowed, scale):
+    """Masked softmax over the slot table: q_g (B, h, n, G, D), k_g/v_g (B, h, n, S+G, D)."""
+    has_key = allowed.any(-1, keepdim=True)  # rows with no key (padding) -> zeros
+    allowed = allowed | ~has_key
+    scores = (q_g @ k_g.transpose(-1, -2)) * scale  # (B, h, n, G, S+G)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q_g.dtype, torch.float32)).to(q_g.dtype)
+    return (probs @ v_g) * has_key
+
+
+def _clean_attention(q_g, k_g, v_g, scale):
+    """Clean groups through fused SDPA: bottom-right causal over [sinks | group]."""
+    B, h, n, G, D = q_g.shape
+    L = k_g.shape[3]
+    mask = causal_lower_right(G, L) if L > G else None
+    out = F.scaled_dot_product_attention(
+        q_g.reshape(B, h * n, G, D), k_g.reshape(B, h * n, L, D), v_g.reshape(B, h * n, L, D),
+        attn_mask=mask, is_causal=mask is None, scale=scale,
+    )
+    return out.view(B, h, n, G, D)
 
 
 def grouped_attention(
@@ -120,20 +155,22 @@ def grouped_attention(
         dev = q.device
         slot_token, key_token = lay.slot_token.to(dev), lay.key_token.to(dev)
         allowed = lay.allowed.to(dev)  # (nG, G, S+G)
+        c = lay.num_clean
         if key_padding_mask is not None:
             allowed = allowed[None] & key_padding_mask[:, key_token][:, :, None, :]  # (B, nG, G, S+G)
             allowed = allowed[:, None]  # (B, 1, nG, G, S+G) broadcasts over heads
-        has_key = allowed.any(-1, keepdim=True)  # rows with no key (padding) -> zeros
-        allowed = allowed | ~has_key
+            c = 0  # padding can fall anywhere: every group goes through the table
 
         heads = torch.arange(*lay.heads, device=dev)
         q_c = q[:, heads]  # (B, h, N, D)
         k_c, v_c = k[:, heads // rep], v[:, heads // rep]
         q_g = q_c[:, :, slot_token]  # (B, h, nG, G, D)
         k_g, v_g = k_c[:, :, key_token], v_c[:, :, key_token]  # (B, h, nG, S+G, D)
-        scores = (q_g @ k_g.transpose(-1, -2)) * scale  # (B, h, nG, G, S+G)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
-        o_g = (probs @ v_g) * has_key  # (B, h, nG, G, D)
+        parts = []
+        if c > 0:
+            parts.append(_clean_attention(q_g[:, :, :c], k_g[:, :, :c], v_g[:, :, :c], scale))
+        if c < q_g.shape[2]:
+            parts.append(_table_attention(q_g[:, :, c:], k_g[:, :, c:], v_g[:, :, c:], allowed[..., c:, :, :], scale))
+        o_g = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]  # (B, h, nG, G, D)
         outs.append(o_g.flatten(2, 3)[:, :, lay.token_slot.to(dev)])  # (B, h, N, D)
     return torch.cat(outs, dim=1)
