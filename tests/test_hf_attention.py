@@ -107,11 +107,13 @@ def test_gradients_with_activation_checkpointing_match_plain_backward():
 
 
 def test_trainer_runs_with_sparse_attention(tmp_path):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
+
+    from sinklora.hf.trainer import training_arguments
 
     model = tiny_llama()
     data = [{"input_ids": torch.arange(32) % 7 + 10, "labels": torch.arange(32) % 7 + 10} for _ in range(8)]
-    args = TrainingArguments(
+    args = training_arguments(
         output_dir=str(tmp_path),
         max_steps=12,
         per_device_train_batch_size=2,

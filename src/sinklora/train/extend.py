@@ -1,0 +1,244 @@
+"""Extend a model's context window: position interpolation + LoRA+ + SF-Attn on long documents.
+
+The recipe (method.md section 1): linear RoPE interpolation to ``target_len``, LoRA on q/k/v/o with
+trainable embeddings and norms, sparse training attention (``sf`` by default), continued pretraining
+on long documents packed into rows of ``train_len`` tokens. Before and after training, the model is
+evaluated with full attention on held-out documents (perplexity) and passkey retrieval at
+``eval.length``; the results table, ``results.json`` and ``loss.png`` land in ``output_dir``.
+
+``preset=auto`` picks a budget the machine can afford: ``gpu`` (8k -> 32k, 200 steps at 32k tokens)
+on a CUDA device, ``cpu-smoke`` (a smoke-scale run in minutes: short rows, a few steps) otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from sinklora.config import option, to_dict
+from sinklora.models.loading import DEFAULT_MODEL
+from sinklora.models.lora import LoraSettings
+from sinklora.train.recipe import (
+    AttentionConfig,
+    TrainingConfig,
+    build_model,
+    make_trainer,
+    prepare_output_dir,
+    set_tokens_per_step,
+    train_and_save,
+)
+
+logger = logging.getLogger(__name__)
+
+PRESETS = {
+    # a smoke-scale run for a 2-core CPU: it exercises every stage in minutes, it does not extend much
+    "cpu-smoke": dict(target_len=16384, train_len=1024, max_steps=6, learning_rate=2e-4, warmup_steps=2,
+                      save_steps=3, eval_length=10240, eval_docs=1, passkey_depths=[0.5], passkey_trials=2),
+    # the paper's recipe at SmolLM2 scale on one GPU: 8k -> 32k, 200 steps of 32k tokens
+    "gpu": dict(target_len=32768, train_len=32768, max_steps=200, learning_rate=2e-5, warmup_steps=20,
+                save_steps=50, eval_length=32768, eval_docs=4, passkey_depths=[0.0, 0.25, 0.5, 0.75, 1.0],
+                passkey_trials=2),
+}
+
+
+@dataclass
+class EvalSettings:
+    enabled: bool = option(True, "evaluate before and after training (full attention)")
+    length: int | None = option(None, "context length for perplexity and passkey (default: from the preset)")
+    corpus: str | None = option(None, "held-out corpus for perplexity (default: the training source)")
+    docs: int | None = option(None, "held-out documents for perplexity (default: from the preset)")
+    passkey_trials: int | None = option(None, "passkey trials per depth (default: from the preset)")
+    passkey_depths: list[float] | None = option(None, "passkey depths in [0, 1] (default: from the preset)")
+    seed: int = option(0, "passkey seed")
+
+
+@dataclass
+class ExtendConfig:
+    model: str = option(DEFAULT_MODEL, "hub id, local folder, or the default model's alias")
+    output_dir: str = option("runs/extend", "where checkpoints, the adapter and results go")
+    preset: Literal["auto", "cpu-smoke", "gpu"] = option("auto", "budget defaults: auto = gpu on CUDA, else cpu-smoke")
+    data: str = option("books", "training documents: a corpus name, a folder, a .json/.jsonl file, or hf:NAME")
+    target_len: int | None = option(None, "context length to extend to (RoPE factor = target / original)")
+    original_len: int | None = option(None, "pretraining context length (default: the model config's)")
+    rope_rounding: Literal["ceil", "exact"] = option("ceil", "RoPE factor rounding (LongLoRA: ceil)")
+    train_len: int | None = option(None, "tokens per training row (default: target_len; smaller = smoke run)")
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    resume: bool = option(False, "continue the run in output_dir from its last checkpoint")
+    overwrite: bool = option(False, "delete output_dir's previous run first")
+
+    def validate(self) -> list[str]:
+        errors = []
+        for name in ("target_len", "original_len", "train_len"):
+            value = getattr(self, name)
+            if value is not None and value < 2:
+                errors.append(f"{name}={value}: must be at least 2 tokens")
+        if self.resume and self.overwrite:
+            errors.append("resume=true and overwrite=true: choose one")
+        from sinklora.data.corpora import known_sources
+
+        if self.data not in known_sources() and not self.data.startswith("hf:"):
+            path = Path(self.data) if Path(self.data).exists() else Path(self.data.rsplit(":", 1)[0])  # file.jsonl:field
+            if not path.exists():
+                errors.append(f"data={self.data!r}: not a known corpus ({', '.join(known_sources())}) nor an "
+                              "existing folder/.json/.jsonl file; give one of those or hf:NAME")
+        return errors
+
+
+def resolve_preset(cfg: ExtendConfig) -> dict:
+    """Fill every budget value the user left unset from the preset; return the effective budget."""
+    name = cfg.preset if cfg.preset != "auto" else ("gpu" if torch.cuda.is_available() else "cpu-smoke")
+    p = dict(PRESETS[name], preset=name)
+    cfg.target_len = cfg.target_len or p["target_len"]
+    if cfg.train_len is None:
+        cfg.train_len = min(p["train_len"], cfg.target_len)
+    for key, default_key in (("max_steps", "max_steps"), ("learning_rate", "learning_rate"),
+                             ("warmup_steps", "warmup_steps"), ("save_steps", "save_steps")):
+        if getattr(cfg.train, key) is None:
+            setattr(cfg.train, key, p[default_key])
+    e = cfg.eval
+    e.length = e.length or p["eval_length"]
+    e.docs = e.docs or p["eval_docs"]
+    e.passkey_trials = e.passkey_trials or p["passkey_trials"]
+    e.passkey_depths = e.passkey_depths or p["passkey_depths"]
+    e.corpus = e.corpus or cfg.data
+    return p
+
+
+def check_budget(cfg: ExtendConfig) -> list[str]:
+    errors = []
+    if cfg.train_len > cfg.target_len:
+        errors.append(f"train_len={cfg.train_len} > target_len={cfg.target_len}: training rows cannot be "
+                      "longer than the extended context")
+    errors += cfg.attention.check_length(cfg.train_len)
+    return errors
+
+
+def training_rows(cfg: ExtendConfig, tokenizer, needed_rows: int) -> torch.Tensor:
+    """Training documents (never the held-out works), tokenised once (cached), packed into rows."""
+    from sinklora.data.corpora import load_documents
+    from sinklora.data.packing import pack_documents, tokenize_documents
+
+    docs = load_documents(cfg.data, "train")
+    if not docs:
+        raise ValueError(f"data={cfg.data!r}: no training documents found")
+    token_lists = tokenize_documents(docs, tokenizer)
+    rows = pack_documents(token_lists, cfg.train_len, tokenizer.eos_token_id)
+    total = sum(len(t) for t in token_lists)
+    logger.info("training data: %d documents, %d tokens -> %d rows of %d tokens (%d rows needed; %s)",
+                len(docs), total, len(rows), cfg.train_len, needed_rows,
+                "each row seen once" if len(rows) >= needed_rows else f"{needed_rows / len(rows):.1f} epochs")
+    return rows
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.rows[i], "labels": self.rows[i]}
+
+
+def evaluate(model, tokenizer, cfg: ExtendConfig, label: str) -> dict:
+    """Held-out perplexity and passkey accuracy at ``eval.length``, full attention."""
+    from sinklora.data.corpora import load_documents
+    from sinklora.data.packing import long_documents, tokenize_documents
+    from sinklora.eval.passkey import run_passkey
+    from sinklora.eval.perplexity import evaluate_perplexity
+
+    e = cfg.eval
+    docs = load_documents(e.corpus, "heldout")
+    token_lists = tokenize_documents(docs, tokenizer)
+    keep = long_documents(token_lists, e.length)[: e.docs]
+    if not keep:
+        longest = max((len(t) for t in token_lists), default=0)
+        raise ValueError(f"eval.corpus={e.corpus!r}: no held-out document has eval.length={e.length} tokens "
+                         f"(the longest has {longest}); lower eval.length or choose another corpus")
+    was_training, use_cache = model.training, model.config.use_cache
+    model.eval()
+    model.config.use_cache = True
+    try:
+        logger.info("evaluating %s: perplexity on %d held-out documents, passkey at %d tokens", label, len(keep), e.length)
+        ppl = evaluate_perplexity(model, [token_lists[i] for i in keep], [e.length], max_tokens=e.length)
+        passkey = run_passkey(model, tokenizer, [e.length], e.passkey_depths, trials=e.passkey_trials, seed=e.seed)
+    finally:
+        model.train(was_training)
+        model.config.use_cache = use_cache
+    row = ppl["by_length"][0]
+    return {"label": label, "length": e.length, "ppl": row["ppl"], "ppl_tokens": row["tokens"],
+            "ppl_docs": [docs[i].name for i in keep], "passkey_accuracy": float(passkey["accuracy_by_length"][0]),
+            "passkey_trials": e.passkey_trials * len(e.passkey_depths), "passkey_prompt_tokens": passkey["prompt_tokens"]}
+
+
+def results_table(summary: dict, before: dict | None, after: dict | None, budget: dict, cfg: ExtendConfig) -> str:
+    lines = [f"## sinklora train: {cfg.model}, {budget['original_len']} -> {cfg.target_len} tokens "
+             f"(RoPE x{budget['factor']:g}), attention {cfg.attention.pattern}, preset {budget['preset']}"]
+    if budget["preset"] == "cpu-smoke":
+        lines.append(f"(smoke-scale run: {summary['steps']} steps of {cfg.train_len}-token rows on CPU; it checks the "
+                     "pipeline end to end, it is not a real context extension; run on a GPU for preset=gpu)")
+    lines += ["", "| | before (position interpolation only) | after training |", "|---|---|---|"]
+    if before and after:
+        lines.append(f"| perplexity @ {before['length']} tokens | {before['ppl']:.3f} | {after['ppl']:.3f} |")
+        lines.append(f"| passkey @ {before['length']} tokens | {before['passkey_accuracy']:.0%} of {before['passkey_trials']} "
+                     f"| {after['passkey_accuracy']:.0%} of {after['passkey_trials']} |")
+    loss = (f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f} (min {summary['min_loss']:.3f})"
+            if summary.get("first_loss") is not None else "n/a")
+    lines += [f"| training loss (first -> last) | {loss} | |",
+              f"| steps / time / tokens per s | {summary['steps']} / {summary['train_seconds']} s / {summary['tokens_per_s']} | |"]
+    return "\n".join(lines)
+
+
+def run(cfg: ExtendConfig, callbacks: list | None = None) -> dict:
+    """Library entry point (``sinklora train`` calls it); ``callbacks`` go to the HF Trainer."""
+    from sinklora.config import ConfigError
+    from sinklora.hf.attention import use_attention
+    from sinklora.models.rope import current_factor, original_length
+
+    budget = resolve_preset(cfg)
+    errors = check_budget(cfg)
+    if errors:
+        raise ConfigError(errors)
+    resume_from = prepare_output_dir(cfg)
+    out = Path(cfg.output_dir)
+    model, tokenizer = build_model(cfg.model, cfg.target_len, original_len=cfg.original_len,
+                                   rope_rounding=cfg.rope_rounding, lora=cfg.lora, precision=cfg.train.precision)
+    budget.update(factor=current_factor(model.config), original_len=original_length(model.config))
+    tc = cfg.train
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rows = training_rows(cfg, tokenizer, tc.max_steps * tc.batch_size * tc.grad_accum * world)
+    do_eval = cfg.eval.enabled and world == 1
+    if cfg.eval.enabled and not do_eval:
+        logger.info("distributed run: skipping the built-in evaluation (run `sinklora eval ppl` afterwards)")
+    before = evaluate(model, tokenizer, cfg, "before") if do_eval and resume_from is None else None
+    trainer = make_trainer(model, tokenizer, _Rows(rows), tc, out, callbacks=callbacks)
+    set_tokens_per_step(trainer, cfg.train_len)
+    with use_attention(model, cfg.attention.pattern, **cfg.attention.params()):
+        summary = train_and_save(trainer, out, resume_from)
+    after = evaluate(model, tokenizer, cfg, "after") if do_eval else None
+    result = {"config": to_dict(cfg), "budget": budget, "train": summary, "before": before, "after": after}
+    if trainer.is_world_process_zero():
+        (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+        table = results_table(summary, before, after, budget, cfg)
+        (out / "results.md").write_text(table + "\n")
+        print("\n" + table + f"\n\nadapter, results.json, results.md and loss.png are in {out}/")
+    return result
+
+
+CONFIG = ExtendConfig
+
+
+def main(cfg: ExtendConfig) -> int:
+    run(cfg)
+    return 0

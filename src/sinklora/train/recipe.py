@@ -1,0 +1,306 @@
+"""What every sinklora training run shares: model set-up (position interpolation, LoRA+, training
+attention), the output folder's life cycle (refuse / resume / overwrite), the Trainer, and saving.
+
+`sinklora train` (continued pretraining) and `sinklora sft` (instruction tuning) differ only in data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from sinklora.config import option, save_config, to_dict
+from sinklora.models.lora import LoraSettings
+
+logger = logging.getLogger(__name__)
+
+RESOLVED_CONFIG = "sinklora_config.yaml"
+
+
+@dataclass
+class AttentionConfig:
+    pattern: Literal["sf", "s2", "s2_roll", "full"] = option("sf", "training attention (evaluation always uses full)")
+    group_ratio: float = option(0.25, "group size as a fraction of the training length (LongLoRA: 1/4)")
+    group_size: int | None = option(None, "group size in tokens (overrides group_ratio)")
+    sink_tokens: int | None = option(None, "global sink tokens (default 4 for sf, 0 otherwise)")
+    shifted_head_fraction: float = option(0.5, "fraction of heads whose groups are shifted by half a group")
+
+    def params(self) -> dict:
+        if self.pattern == "full":
+            return {}
+        p = {"group_size": self.group_size} if self.group_size is not None else {"group_ratio": self.group_ratio}
+        if self.sink_tokens is not None:
+            p["sink_tokens"] = self.sink_tokens
+        if self.shifted_head_fraction != 0.5:
+            p["shifted_head_fraction"] = self.shifted_head_fraction
+        return p
+
+    def check_length(self, seq_len: int) -> list[str]:
+        """Errors for these settings at a training length (group size vs length vs sinks)."""
+        from sinklora.attention import resolve_pattern
+
+        try:
+            spec = resolve_pattern(self.pattern, seq_len, 2, **self.params())
+        except ValueError as e:
+            return [f"attention: {e}"]
+        if self.pattern != "full" and spec.is_full:
+            return [f"attention.group_size resolves to {spec.group_size} >= train_len={seq_len}: "
+                    f"{self.pattern!r} would be full attention; lower group_size/group_ratio or use pattern=full"]
+        if spec.sink_tokens >= spec.group_size:
+            return [f"attention.sink_tokens={spec.sink_tokens} >= group size {spec.group_size}: sinks must be "
+                    "fewer than the tokens of a group (the paper: 4 sinks, groups of N/4)"]
+        return []
+
+
+@dataclass
+class TrainingConfig:
+    max_steps: int | None = option(None, "optimizer steps (default: from the preset)")
+    batch_size: int = option(1, "sequences per device per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    learning_rate: float | None = option(None, "peak learning rate (paper: 2e-5; default: from the preset)")
+    warmup_steps: int | None = option(None, "linear warm-up steps, then constant (paper: 20)")
+    weight_decay: float = option(0.0, "AdamW weight decay (paper: 0)")
+    precision: Literal["auto", "bf16", "fp32"] = option("auto", "auto = bf16 on a GPU that supports it, else fp32")
+    activation_checkpointing: bool = option(True, "recompute activations in backward (less memory)")
+    logging_steps: int = option(1, "log loss and tokens/s every N steps")
+    save_steps: int | None = option(None, "checkpoint every N steps (default: from the preset)")
+    save_total_limit: int = option(2, "checkpoints kept (older ones are deleted)")
+    seed: int = option(42, "random seed (data order, LoRA init)")
+    deepspeed: str | None = option(None, "DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json)")
+
+    def validate(self) -> list[str]:
+        errors = []
+        for name in ("max_steps", "batch_size", "grad_accum", "logging_steps", "save_steps", "save_total_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                errors.append(f"{name}={value}: must be >= 1")
+        if self.learning_rate is not None and not 0 < self.learning_rate < 1:
+            errors.append(f"learning_rate={self.learning_rate}: must be in (0, 1), e.g. 2e-5")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            errors.append(f"warmup_steps={self.warmup_steps}: must be >= 0")
+        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
+            errors.append(f"deepspeed={self.deepspeed!r}: file not found (see configs/deepspeed/)")
+        return errors
+
+
+def use_bf16(precision: str) -> bool:
+    if precision == "bf16":
+        return True
+    return precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+# ---- the output folder ---------------------------------------------------------------------------
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    """The newest *complete* checkpoint (its trainer_state.json is written last); a half-written one
+    left by a kill is ignored."""
+    done = [p for p in output_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _comparable(cfg: dict) -> dict:
+    """The parts of a resolved config that define a run (what may change on resume is left out)."""
+    cfg = json.loads(json.dumps(cfg))
+    for key in ("resume", "overwrite", "output_dir", "eval"):
+        cfg.pop(key, None)
+    cfg.get("train", {}).pop("max_steps", None)
+    cfg.get("train", {}).pop("save_steps", None)
+    return cfg
+
+
+def prepare_output_dir(cfg: Any) -> Path | None:
+    """Create ``cfg.output_dir`` or decide what to do with an existing one. Returns the checkpoint to
+    resume from (None for a fresh run). Refuses, before any heavy work, to mix two different runs."""
+    import yaml
+
+    out = Path(cfg.output_dir)
+    saved = out / RESOLVED_CONFIG
+    if out.exists() and any(out.iterdir()):
+        if cfg.overwrite:
+            logger.warning("overwrite=true: deleting the previous run in %s", out)
+            shutil.rmtree(out)
+        elif not saved.is_file():
+            raise ValueError(f"output_dir={str(out)!r} exists and is not a sinklora run: choose another "
+                             "output_dir, or pass overwrite=true to delete its contents")
+        else:
+            previous = yaml.safe_load(saved.read_text())
+            if not cfg.resume:
+                raise ValueError(f"output_dir={str(out)!r} already holds a run: pass resume=true to continue it, "
+                                 "overwrite=true to start again, or choose another output_dir")
+            if _comparable(previous) != _comparable(to_dict(cfg)):
+                raise ValueError(f"resume=true but output_dir={str(out)!r} holds a run with a different "
+                                 f"configuration (see {saved}); only max_steps, save_steps and eval settings may change")
+            ckpt = last_checkpoint(out)
+            if ckpt is None:
+                logger.warning("resume=true but %s has no complete checkpoint: starting from step 0", out)
+            else:
+                logger.info("resuming from %s", ckpt)
+            return ckpt
+    elif cfg.resume:
+        logger.warning("resume=true but %s holds no run yet: starting a fresh one", out)
+    out.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        save_config(cfg, saved)
+    return None
+
+
+def is_main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ---- model ---------------------------------------------------------------------------------------
+
+
+def build_model(model_name: str, target_len: int, *, original_len: int | None, rope_rounding: str,
+                lora: LoraSettings, precision: str, adapter: str | None = None):
+    """Base model with position interpolation to ``target_len``, wrapped in LoRA+ -> (model, tokenizer).
+
+    ``adapter``: continue training a sinklora adapter (e.g. SFT after context extension); its RoPE
+    record is applied first, so the extension is kept (extending again to the same length is a no-op).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from sinklora.models.loading import load_config, load_tokenizer, resolve_model
+    from sinklora.models.lora import apply_lora_plus, quiet_peft
+    from sinklora.models.rope import extend_context
+
+    path = resolve_model(model_name)
+    config = load_config(path, adapter=adapter)
+    extend_context(config, target_len, original_len=original_len, rounding=rope_rounding)
+    dtype = torch.bfloat16 if use_bf16(precision) else torch.float32
+    # RoPE tables are built at construction: the edited config must go into from_pretrained
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation="sdpa")
+    if adapter is not None:
+        from peft import PeftModel
+
+        with quiet_peft():
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    else:
+        model = apply_lora_plus(model, lora)
+    model.config.use_cache = False
+    return model, load_tokenizer(path)
+
+
+# ---- the Trainer ---------------------------------------------------------------------------------
+
+
+def make_trainer(model, tokenizer, dataset, tcfg: TrainingConfig, output_dir: Path, *, collator=None,
+                 callbacks: list | None = None, defaults: dict | None = None):
+    """An HF Trainer with the paper's recipe: AdamW, warm-up then constant LR, bf16 on GPU."""
+    from transformers import Trainer, default_data_collator
+
+    from sinklora.hf.trainer import training_arguments
+
+    d = defaults or {}
+    steps = tcfg.max_steps or d["max_steps"]
+    args = training_arguments(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=tcfg.batch_size,
+        gradient_accumulation_steps=tcfg.grad_accum,
+        learning_rate=tcfg.learning_rate or d.get("learning_rate", 2e-5),
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=tcfg.warmup_steps if tcfg.warmup_steps is not None else min(20, d.get("warmup_steps", 20)),
+        weight_decay=tcfg.weight_decay,
+        bf16=use_bf16(tcfg.precision),
+        activation_checkpointing=tcfg.activation_checkpointing,
+        logging_steps=tcfg.logging_steps,
+        save_strategy="steps",
+        save_steps=tcfg.save_steps or d.get("save_steps", max(1, steps // 4)),
+        save_total_limit=tcfg.save_total_limit,
+        seed=tcfg.seed,
+        data_seed=tcfg.seed,
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        deepspeed=tcfg.deepspeed,
+        disable_tqdm=False,
+    )
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator or default_data_collator,
+        processing_class=tokenizer,
+        callbacks=[ThroughputCallback()] + list(callbacks or []),
+    )
+
+
+def ThroughputCallback():
+    """Adds ``tokens_per_s`` (training tokens per second since the previous log) to every log entry."""
+    from transformers import TrainerCallback
+
+    class _Throughput(TrainerCallback):
+        def __init__(self):
+            self.t0, self.step0 = None, 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0, self.step0 = time.perf_counter(), state.global_step
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs is None or "loss" not in logs or self.t0 is None:
+                return
+            now = time.perf_counter()
+            tokens = (state.global_step - self.step0) * self.tokens_per_step
+            if tokens > 0:
+                logs["tokens_per_s"] = round(tokens / (now - self.t0), 1)
+                if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
+                    state.log_history[-1]["tokens_per_s"] = logs["tokens_per_s"]  # the Trainer logged a copy
+            self.t0, self.step0 = now, state.global_step
+
+        tokens_per_step = 0
+
+    return _Throughput()
+
+
+def set_tokens_per_step(trainer, seq_len: int) -> None:
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = seq_len * trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps * world
+    for cb in trainer.callback_handler.callbacks:
+        if hasattr(cb, "tokens_per_step"):
+            cb.tokens_per_step = per_step
+
+
+def train_and_save(trainer, output_dir: Path, resume_from: Path | None) -> dict:
+    """Run (or resume) training, then save the adapter (LoRA + embeddings + norms + RoPE record), the
+    tokenizer, the log history and a loss plot. Returns a summary."""
+    from sinklora.eval.plots import plot_loss
+    from sinklora.models.lora import save_adapter
+
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - t0
+    history = trainer.state.log_history
+    if trainer.is_world_process_zero():
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        save_adapter(model, output_dir)
+        trainer.processing_class.save_pretrained(output_dir)
+        (output_dir / "log_history.json").write_text(json.dumps(history, indent=1))
+        if any("loss" in h for h in history):
+            plot_loss(history, output_dir / "loss.png")
+    losses = [h["loss"] for h in history if "loss" in h]
+    speeds = [h["tokens_per_s"] for h in history if "tokens_per_s" in h]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    return {
+        "steps": trainer.state.global_step,
+        "train_seconds": round(seconds, 1),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "min_loss": min(losses) if losses else None,
+        "tokens_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
+        "peak_gpu_gib": round(peak, 2) if peak is not None else None,
+        "train_loss": result.training_loss,
+    }
