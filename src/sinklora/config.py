@@ -127,10 +127,8 @@ def _build(cls: type[T], data: dict, errors: list[str], prefix: str = "") -> T:
     for key, value in data.items():
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
-            errors.append(
-                f"unknown key {prefix}{key!r}{hint} (known keys: {', '.join(prefix + f for f in fields)})"
-            )
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            errors.append(f"unknown key '{prefix}{key}'{hint} (known keys: {', '.join(prefix + f for f in fields)})")
             continue
         kwargs[key] = _coerce(value, hints[key], prefix + key, errors)
     try:

@@ -202,6 +202,8 @@ def results_table(summary: dict, before: dict | None, after: dict | None, budget
 
 def run(cfg: ExtendConfig, callbacks: list | None = None) -> dict:
     """Library entry point (``sinklora train`` calls it); ``callbacks`` go to the HF Trainer."""
+    from transformers import set_seed
+
     from sinklora.config import ConfigError
     from sinklora.hf.attention import use_attention
     from sinklora.models.rope import current_factor, original_length
@@ -212,6 +214,7 @@ def run(cfg: ExtendConfig, callbacks: list | None = None) -> dict:
         raise ConfigError(errors)
     resume_from = prepare_output_dir(cfg)
     out = Path(cfg.output_dir)
+    set_seed(cfg.train.seed)  # LoRA's random init must be reproducible too (resume, comparisons)
     model, tokenizer = build_model(cfg.model, cfg.target_len, original_len=cfg.original_len,
                                    rope_rounding=cfg.rope_rounding, lora=cfg.lora, precision=cfg.train.precision)
     budget.update(factor=current_factor(model.config), original_len=original_length(model.config))

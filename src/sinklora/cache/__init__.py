@@ -1,0 +1,25 @@
+"""KV-cache policies for inference (method.md section 3): full, local, sink (StreamingLLM), h2o.
+
+The policies are plain torch (:mod:`sinklora.cache.policies`, :mod:`sinklora.cache.scores`); the
+Hugging Face ``Cache`` integration is :func:`sinklora.hf.cache.make_cache`::
+
+    from sinklora.hf.cache import make_cache, cache_kwargs
+    cache = make_cache(model, "h2o", budget=0.2)
+    model.generate(**inputs, **cache_kwargs(cache))
+"""
+
+from sinklora.cache.policies import (
+    POLICIES,
+    FullPolicy,
+    H2OPolicy,
+    KVPolicy,
+    LocalPolicy,
+    SinkPolicy,
+    SlotState,
+    Split,
+    make_policy,
+    parse_budget,
+)
+
+__all__ = ["POLICIES", "FullPolicy", "H2OPolicy", "KVPolicy", "LocalPolicy", "SinkPolicy", "SlotState", "Split",
+           "make_policy", "parse_budget"]

@@ -1,0 +1,211 @@
+"""KV-cache policies (method.md section 3): which cached key/value slots survive each step.
+
+A policy is one small class; the one method to write is :meth:`KVPolicy.score` (higher is kept).
+Everything else (budgets, the protected sink and recent windows, top-k, gathering) lives in the
+base class, so every policy keeps tokens the same way::
+
+    slots of one KV head, oldest -> newest (n = kept + new tokens of this step)
+    | sinks S | ............ evictable middle ............ | recent W |
+              ^ the K highest score() slots survive here
+
+After every forward step at most ``S + K + W`` slots remain (the budget); the step itself attends to
+the kept slots plus its own new tokens. Sinks are never evicted and kept slots keep their order.
+
+Budgets are token counts (``int >= 1``) or ratios of the prompt (``float`` in ``(0, 1]``, resolved
+when the first forward step sees the prompt). Split: ``S = sinks``; of the rest, ``K =
+floor(heavy_ratio * rest)`` heavy hitters and ``W = rest - K`` recent tokens (H2O default: half/half).
+
+| policy | S | K | W | score |
+|---|---|---|---|---|
+| ``full`` | - | - | - | never evicts |
+| ``local`` | 0 | 0 | budget | - (H2O's "Local" baseline) |
+| ``sink`` | 4 | 0 | budget - S | - (StreamingLLM) |
+| ``h2o`` | 0 (optional) | half | half | attention accumulated over every query that saw the key |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class Split:
+    """A resolved budget: slots kept after every step, by role."""
+
+    sinks: int
+    heavy: int
+    recent: int
+
+    @property
+    def total(self) -> int:
+        return self.sinks + self.heavy + self.recent
+
+
+@dataclass
+class SlotState:
+    """What a policy may look at, for one layer. Shapes: ``keys``/``values`` (B, Hkv, N, D);
+    ``positions`` (B, Hkv, N) absolute token indices; ``attention`` (B, Hkv, N) float32 accumulated
+    attention (only when the policy ``needs_attention``)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    attention: torch.Tensor | None = None
+
+
+def parse_budget(value: int | float | str | None) -> int | float | None:
+    """``512`` -> 512 tokens; ``0.2``, ``"0.2"``, ``"20%"`` -> ratio 0.2; ``None``/``""`` -> no budget.
+
+    A string with a decimal point or a percent sign is a ratio, so ``"1.0"`` is the whole prompt.
+    """
+    if value is None or isinstance(value, bool):
+        if isinstance(value, bool):
+            raise ValueError(f"budget={value!r}: give a token count (e.g. 512) or a ratio of the prompt (e.g. 0.2)")
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    text = str(value).strip()
+    if not text or text.lower() == "none":
+        return None
+    try:
+        if text.endswith("%"):
+            return float(text[:-1]) / 100.0
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise ValueError(f"budget={value!r}: not a number; give a token count (e.g. 512), a ratio "
+                         "(e.g. 0.2) or a percentage (e.g. 20%)") from None
+
+
+class KVPolicy:
+    """Base policy. Subclasses set the class attributes and may override :meth:`score`."""
+
+    name: ClassVar[str] = ""
+    needs_attention: ClassVar[bool] = False  # the cache must see the attention probabilities
+    default_sinks: ClassVar[int] = 0
+    default_heavy_ratio: ClassVar[float] = 0.0
+    allows_sinks: ClassVar[bool] = True
+    allows_heavy: ClassVar[bool] = False
+
+    def __init__(self, budget: int | float | str | None = None, *, sinks: int | None = None,
+                 heavy_ratio: float | None = None):
+        self.budget = parse_budget(budget)
+        self.sinks = self.default_sinks if sinks is None else sinks
+        self.heavy_ratio = self.default_heavy_ratio if heavy_ratio is None else heavy_ratio
+        self._validate()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(budget={self.budget!r}, sinks={self.sinks}, heavy_ratio={self.heavy_ratio})"
+
+    def _validate(self) -> None:
+        b, name = self.budget, self.name
+        if b is None:
+            raise ValueError(f"policy {name!r}: budget is required; give a token count (e.g. budget=512) or a "
+                             "ratio of the prompt (e.g. budget=0.2), or use policy 'full'")
+        if isinstance(b, bool) or not isinstance(b, (int, float)):
+            raise ValueError(f"budget={b!r}: must be a token count (int) or a ratio of the prompt (float)")
+        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
+            raise ValueError(f"sinks={self.sinks!r}: must be an integer >= 0 (StreamingLLM uses 4)")
+        if self.sinks and not self.allows_sinks:
+            raise ValueError(f"sinks={self.sinks}: policy {name!r} keeps no sink tokens; use sinks=0, or policy "
+                             "'sink' (sinks + recent) or 'h2o' (optional sinks + heavy hitters + recent)")
+        if not 0.0 <= self.heavy_ratio <= 1.0:
+            raise ValueError(f"heavy_ratio={self.heavy_ratio}: must be in [0, 1] (the share of the non-sink "
+                             "budget given to heavy hitters; H2O uses 0.5)")
+        if self.heavy_ratio and not self.allows_heavy:
+            raise ValueError(f"heavy_ratio={self.heavy_ratio}: policy {name!r} keeps no heavy hitters; "
+                             "use heavy_ratio=0 or policy 'h2o'")
+        if isinstance(b, float):
+            if not 0.0 < b <= 1.0:
+                raise ValueError(f"budget={b}: a ratio of the prompt must be in (0, 1]; for a token count "
+                                 f"give an integer (e.g. budget={max(1, int(b))})")
+        elif b < 1:
+            raise ValueError(f"budget={b}: must be at least 1 token (or a ratio of the prompt in (0, 1])")
+        elif b < self.sinks:
+            raise ValueError(f"budget={b} is smaller than sinks={self.sinks}: the sinks alone would not fit; "
+                             f"raise the budget to at least {self.sinks} or lower sinks")
+
+    def split(self, prompt_len: int) -> Split | None:
+        """The budget for a cache whose first forward step holds ``prompt_len`` tokens (None = unbounded)."""
+        b = self.budget
+        total = b if isinstance(b, int) else max(1, round(b * prompt_len))
+        if total < self.sinks:
+            raise ValueError(f"budget={b} of a {prompt_len}-token prompt is {total} tokens, fewer than "
+                             f"sinks={self.sinks}; raise the budget or lower sinks")
+        rest = total - self.sinks
+        heavy = int(rest * self.heavy_ratio)
+        return Split(self.sinks, heavy, rest - heavy)
+
+    def score(self, state: SlotState) -> torch.Tensor | None:
+        """Importance of every slot, (B, Hkv, N); the top ``heavy`` of the evictable middle survive.
+        ``None``: no heavy hitters (only sinks and recent tokens are kept)."""
+        return None
+
+    def keep_indices(self, state: SlotState, split: Split) -> torch.Tensor | None:
+        """Slot indices to keep, ascending: (n_keep,) shared by all heads, or (B, Hkv, n_keep); None keeps all."""
+        n = state.keys.shape[-2]
+        if n <= split.total:
+            return None
+        s, k, w = split.sinks, split.heavy, split.recent
+        device = state.keys.device
+        ends = torch.cat([torch.arange(s, device=device), torch.arange(n - w, n, device=device)])
+        scores = self.score(state) if k else None
+        if scores is None:
+            return ends  # the heavy share of a scoreless policy goes unused (it is 0 for built-in ones)
+        middle = scores[..., s:n - w]  # (B, Hkv, M), M = n - s - w > k
+        heavy = middle.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values + s
+        b, h = heavy.shape[:2]
+        return torch.cat([ends[:s].expand(b, h, s), heavy, ends[s:].expand(b, h, w)], dim=-1)
+
+
+class FullPolicy(KVPolicy):
+    """Keep everything (the reference)."""
+
+    name = "full"
+
+    def _validate(self) -> None:
+        if self.budget is not None:
+            raise ValueError(f"budget={self.budget!r}: policy 'full' keeps everything; drop the budget or pick "
+                             "policy 'local', 'sink' or 'h2o'")
+
+    def split(self, prompt_len: int) -> Split | None:
+        return None
+
+
+class LocalPolicy(KVPolicy):
+    """The most recent ``budget`` tokens only (H2O's "Local" baseline; collapses once sinks leave)."""
+
+    name = "local"
+    allows_sinks = False
+
+
+class SinkPolicy(KVPolicy):
+    """StreamingLLM: the first ``sinks`` tokens and the most recent ``budget - sinks``."""
+
+    name = "sink"
+    default_sinks = 4
+
+
+class H2OPolicy(KVPolicy):
+    """H2O: optional sinks, heavy hitters by accumulated attention (per KV head), and recent tokens."""
+
+    name = "h2o"
+    needs_attention = True
+    default_heavy_ratio = 0.5
+    allows_heavy = True
+
+    def score(self, state: SlotState) -> torch.Tensor | None:
+        return state.attention
+
+
+POLICIES: dict[str, type[KVPolicy]] = {p.name: p for p in (FullPolicy, LocalPolicy, SinkPolicy, H2OPolicy)}
+
+
+def make_policy(name: str, budget: int | float | str | None = None, *, sinks: int | None = None,
+                heavy_ratio: float | None = None) -> KVPolicy:
+    """A policy by name: 'full', 'local', 'sink' or 'h2o' (see the module docstring)."""
+    if name not in POLICIES:
+        raise ValueError(f"cache policy {name!r} is unknown; choose one of {', '.join(map(repr, POLICIES))}")
+    return POLICIES[name](budget, sinks=sinks, heavy_ratio=heavy_ratio)

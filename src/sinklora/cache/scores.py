@@ -1,0 +1,87 @@
+"""Accumulated attention per key (H2O's score) without an N x N attention matrix.
+
+For one step with ``L`` new queries over ``S = past + L`` keys (the first ``past`` already cached),
+key ``s`` is visible to new query ``i`` iff ``s <= past + i``. The score of key ``s`` is
+
+    a[b, kv, s] = sum over query heads h of group kv, over queries i:  softmax_s(q_i . k_s * scaling)
+
+Shapes: query (B, Hq, L, D), key (B, Hkv, S, D), GQA not expanded (Hq = Hkv * groups); result
+(B, Hkv, S) float32. Two exact ways (to float error) and one dense oracle:
+
+- ``chunked``: softmax rows for a block of queries at a time (memory B * Hq * chunk * S floats);
+- ``sdpa_grad``: ``dV = P^T dO``, so one SDPA backward with ``dO = ones`` and a scalar value column
+  gives every key's column sum of P (flash kernels never hold P);
+- :func:`dense_accumulated_attention`: the full matrix, for tests only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+METHODS = ("chunked", "sdpa_grad")
+_CHUNK_BYTES = 256 * 2**20
+
+
+def _visible(q_len: int, s_len: int, past: int, device: torch.device, q_start: int = 0) -> torch.Tensor:
+    """(q_len, s_len) bool: key s visible to new query q_start + i."""
+    q = torch.arange(q_start, q_start + q_len, device=device)[:, None]
+    return torch.arange(s_len, device=device)[None, :] <= q + past
+
+
+def _check(query: torch.Tensor, key: torch.Tensor) -> tuple[int, int, int, int, int]:
+    b, hq, n_q, _ = query.shape
+    hkv, n_k = key.shape[1], key.shape[2]
+    assert hq % hkv == 0 and n_k >= n_q, (query.shape, key.shape)
+    return b, hq, hkv, n_q, n_k
+
+
+def dense_accumulated_attention(query: torch.Tensor, key: torch.Tensor, *, scaling: float, past: int) -> torch.Tensor:
+    """The oracle: materialises (B, Hq, L, S) probabilities in float64."""
+    b, hq, hkv, n_q, n_k = _check(query, key)
+    k = key.double().repeat_interleave(hq // hkv, dim=1)  # (B, Hq, S, D)
+    logits = (query.double() @ k.transpose(-1, -2)) * scaling  # (B, Hq, L, S)
+    logits = logits.masked_fill(~_visible(n_q, n_k, past, query.device), float("-inf"))
+    p = logits.softmax(dim=-1).sum(dim=2)  # (B, Hq, S)
+    return p.view(b, hkv, hq // hkv, n_k).sum(dim=2).float()
+
+
+def _chunked(query: torch.Tensor, key: torch.Tensor, scaling: float, past: int, chunk: int | None) -> torch.Tensor:
+    b, hq, hkv, n_q, n_k = _check(query, key)
+    g = hq // hkv
+    # bf16/fp32 products accumulate in fp32 anyway; only fp16 is promoted first (overflow)
+    q = query.view(b, hkv, g, n_q, -1)  # (B, Hkv, G, L, D)
+    q, k = (q.float(), key.float()) if query.dtype == torch.float16 else (q, key)
+    if chunk is None:
+        chunk = max(1, _CHUNK_BYTES // (4 * b * hq * n_k))
+    out = torch.zeros(b, hkv, n_k, dtype=torch.float32, device=key.device)
+    for start in range(0, n_q, chunk):
+        stop = min(n_q, start + chunk)
+        visible = past + stop  # keys beyond this are masked for every query of the block
+        logits = torch.einsum("bhgld,bhsd->bhgls", q[:, :, :, start:stop], k[:, :, :visible]).float() * scaling
+        if stop - start > 1:  # a single query sees every visible key
+            logits = logits.masked_fill(~_visible(stop - start, visible, past, key.device, start), float("-inf"))
+        out[..., :visible] += logits.softmax(dim=-1).sum(dim=(2, 3))
+    return out
+
+
+def _sdpa_grad(query: torch.Tensor, key: torch.Tensor, scaling: float, past: int) -> torch.Tensor:
+    b, hq, hkv, n_q, n_k = _check(query, key)
+    with torch.inference_mode(False), torch.enable_grad():
+        # clones: inference-mode tensors (generate under inference_mode) cannot enter autograd
+        q, k = query.detach().clone(), key.detach().clone()
+        v = torch.zeros(b, hkv, n_k, q.shape[-1], dtype=q.dtype, device=q.device, requires_grad=True)
+        mask = None if past == 0 else _visible(n_q, n_k, past, q.device)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=past == 0, scale=scaling, enable_gqa=hq != hkv)
+        out.backward(torch.ones_like(out))  # dV = P^T 1: every value column holds the key's column sum
+    return v.grad[..., 0].float()
+
+
+def accumulated_attention(query: torch.Tensor, key: torch.Tensor, *, scaling: float, past: int,
+                          method: str = "chunked", chunk: int | None = None) -> torch.Tensor:
+    """(B, Hkv, S) float32 column sums of this step's attention probabilities (see the module docstring)."""
+    if method == "chunked":
+        return _chunked(query, key, scaling, past, chunk)
+    if method == "sdpa_grad":
+        return _sdpa_grad(query, key, scaling, past)
+    raise ValueError(f"score_method={method!r}: choose one of {', '.join(map(repr, METHODS))}")

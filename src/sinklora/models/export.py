@@ -1,0 +1,135 @@
+"""Merge a LoRA+ adapter (with its trained embeddings and norms) into a plain Hugging Face model folder.
+
+The folder's config carries the extended context (linear RoPE factor and max_position_embeddings), so
+``AutoModelForCausalLM.from_pretrained(folder)`` needs no sinklora code. Merging is done in float32;
+after saving, the folder is reloaded and its logits are compared with the adapter model's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from sinklora.config import option
+from sinklora.models.loading import DEFAULT_MODEL, as_dtype, load_model
+
+logger = logging.getLogger(__name__)
+
+_PROBE_TEXT = "The grass is green. The sky is blue. The pass key is 4711. Remember it."
+# merging W + B A in float32 changes rounding only (SmolLM2: 6e-5 on logits of size 30): a relative
+# error above this is a broken export
+_FP32_TOLERANCE = 1e-4
+
+
+def _check_output(output: Path, overwrite: bool) -> str | None:
+    if output.exists() and not output.is_dir():
+        return f"output={str(output)!r} is a file; give a folder path"
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        return f"output={str(output)!r} is a non-empty folder; choose a new folder or set overwrite=true"
+    return None
+
+
+def _probe_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=input_ids, use_cache=False).logits.float()
+
+
+def _target_dtype(dtype: Any, config: Any) -> torch.dtype:
+    resolved = as_dtype(dtype)
+    if resolved != "auto":
+        return resolved
+    stored = getattr(config, "dtype", None)
+    return stored if isinstance(stored, torch.dtype) else torch.float32
+
+
+def export_merged(
+    base: str | os.PathLike,
+    adapter: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    dtype: Any = None,
+    overwrite: bool = False,
+) -> Path:
+    """Merge ``adapter`` into ``base`` and save model + tokenizer to ``output``; returns ``output``.
+
+    ``dtype``: None/'auto' keeps the base's stored dtype; else a torch.dtype or 'float32'/'bfloat16'/'float16'.
+    Refuses a non-empty ``output`` unless ``overwrite``. The folder appears atomically once verified.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    output = Path(output).expanduser()
+    if (problem := _check_output(output, overwrite)) is not None:
+        raise ValueError(problem)
+    model, tokenizer = load_model(base, adapter=adapter, dtype=torch.float32)
+    model.eval()
+    ids = tokenizer(_PROBE_TEXT, return_tensors="pt").input_ids
+    ids = ids if ids.numel() else torch.arange(8).unsqueeze(0)
+    reference = _probe_logits(model, ids)
+
+    target = _target_dtype(dtype, AutoConfig.from_pretrained(model.get_base_model().name_or_path))
+    merged = model.merge_and_unload()
+    in_memory = float((_probe_logits(merged, ids) - reference).abs().max())
+    logger.info("merged in memory: max |logits - adapter logits| = %.3g", in_memory)
+    merged = merged.to(target)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}-", dir=output.parent) as tmp:
+        staged = Path(tmp) / "model"
+        merged.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        reloaded = AutoModelForCausalLM.from_pretrained(staged, dtype=torch.float32)
+        diff = float((_probe_logits(reloaded, ids) - reference).abs().max())
+        logger.info(
+            "saved %s (%s): max |logits - adapter logits| = %.3g on %d tokens", output, target, diff, ids.shape[1]
+        )
+        scale = float(reference.abs().max())
+        if target == torch.float32 and not diff <= _FP32_TOLERANCE * max(1.0, scale):
+            raise RuntimeError(
+                f"export check failed: merged float32 logits differ from the adapter model's by {diff:.3g} "
+                f"(logits up to {scale:.3g})"
+            )
+        for key in ("rope_parameters", "max_position_embeddings"):
+            if getattr(reloaded.config, key) != getattr(model.get_base_model().config, key):
+                raise RuntimeError(f"export check failed: saved config.{key} differs from the adapter model's")
+        if output.exists():  # overwrite=True was checked above
+            shutil.rmtree(output)
+        os.replace(staged, output)
+    return output
+
+
+@dataclass
+class ExportConfig:
+    adapter: str = option("", "adapter folder saved by training (required)")
+    output: str = option("", "folder to write the merged model to (required)")
+    base: str = option(DEFAULT_MODEL, "base model the adapter was trained on (alias, hub id or folder)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", "saved weights' dtype (auto: as the base stores them)"
+    )
+    overwrite: bool = option(False, "replace a non-empty output folder")
+
+    def validate(self) -> list[str]:
+        errors = []
+        if not self.adapter:
+            errors.append("adapter='': give the adapter folder written by `sinklora train` or `sinklora sft`")
+        elif not (Path(self.adapter).expanduser() / "adapter_config.json").is_file():
+            errors.append(f"adapter={self.adapter!r}: no adapter_config.json there; give a peft adapter folder")
+        if not self.output:
+            errors.append("output='': give a folder to write the merged model to")
+        elif (problem := _check_output(Path(self.output).expanduser(), self.overwrite)) is not None:
+            errors.append(problem)
+        return errors
+
+
+CONFIG = ExportConfig
+
+
+def main(cfg: ExportConfig) -> int:
+    print(export_merged(cfg.base, cfg.adapter, cfg.output, dtype=cfg.dtype, overwrite=cfg.overwrite))
+    return 0
