@@ -167,15 +167,22 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def collect_errors(cfg: Any, prefix: str = "") -> list[str]:
-    """Run ``validate()`` on a config and every nested config dataclass."""
+def collect_errors(cfg: Any, prefix: str = "", tolerant: bool = False) -> list[str]:
+    """Run ``validate()`` on a config and every nested config dataclass. ``tolerant``: a field of the
+    wrong type was already reported, so a validate() that trips over it is skipped."""
     errors: list[str] = []
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            errors += collect_errors(value, prefix + f.name + ".")
+            errors += collect_errors(value, prefix + f.name + ".", tolerant)
     if hasattr(cfg, "validate"):
-        errors += [prefix + e if prefix and not e.startswith(prefix) else e for e in cfg.validate()]
+        try:
+            found = cfg.validate()
+        except (TypeError, AttributeError):
+            if not tolerant:
+                raise
+            found = []
+        errors += [prefix + e if prefix and not e.startswith(prefix) else e for e in found]
     return errors
 
 
@@ -194,8 +201,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         data = _merge(data, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
     errors: list[str] = []
     cfg = _build(cls, data, errors)
-    if cfg is not None and not errors:
-        errors += collect_errors(cfg)
+    if cfg is not None:
+        errors += collect_errors(cfg, tolerant=bool(errors))
     if errors:
         raise ConfigError(errors)
     return cfg

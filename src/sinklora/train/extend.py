@@ -151,14 +151,13 @@ class _Rows(torch.utils.data.Dataset):
         return {"input_ids": self.rows[i], "labels": self.rows[i]}
 
 
-def evaluate(model, tokenizer, cfg: ExtendConfig, label: str) -> dict:
-    """Held-out perplexity and passkey accuracy at ``eval.length``, full attention."""
+def evaluate(model, tokenizer, e: EvalSettings, label: str) -> dict:
+    """Held-out perplexity and passkey accuracy at ``e.length``, full attention."""
     from sinklora.data.corpora import load_documents
     from sinklora.data.packing import long_documents, tokenize_documents
     from sinklora.eval.passkey import run_passkey
     from sinklora.eval.perplexity import evaluate_perplexity
 
-    e = cfg.eval
     docs = load_documents(e.corpus, "heldout")
     token_lists = tokenize_documents(docs, tokenizer)
     keep = long_documents(token_lists, e.length)[: e.docs]
@@ -224,12 +223,12 @@ def run(cfg: ExtendConfig, callbacks: list | None = None) -> dict:
     do_eval = cfg.eval.enabled and world == 1
     if cfg.eval.enabled and not do_eval:
         logger.info("distributed run: skipping the built-in evaluation (run `sinklora eval ppl` afterwards)")
-    before = evaluate(model, tokenizer, cfg, "before") if do_eval and resume_from is None else None
+    before = evaluate(model, tokenizer, cfg.eval, "before") if do_eval and resume_from is None else None
     trainer = make_trainer(model, tokenizer, _Rows(rows), tc, out, callbacks=callbacks)
     set_tokens_per_step(trainer, cfg.train_len)
     with use_attention(model, cfg.attention.pattern, **cfg.attention.params()):
         summary = train_and_save(trainer, out, resume_from)
-    after = evaluate(model, tokenizer, cfg, "after") if do_eval else None
+    after = evaluate(model, tokenizer, cfg.eval, "after") if do_eval else None
     result = {"config": to_dict(cfg), "budget": budget, "train": summary, "before": before, "after": after}
     if trainer.is_world_process_zero():
         (out / "results.json").write_text(json.dumps(result, indent=1, default=str))

@@ -280,6 +280,8 @@ def train_and_save(trainer, output_dir: Path, resume_from: Path | None) -> dict:
     from sinklora.eval.plots import plot_loss
     from sinklora.models.lora import save_adapter
 
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - t0

@@ -1,0 +1,55 @@
+"""`sinklora compare` at smoke scale on a tiny model, and the improvement ratio."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import tiny_llama, tiny_tokenizer
+from sinklora.config import ConfigError, load_config
+from sinklora.eval.compare import CompareConfig, improvement_ratio, method_attention, run
+from sinklora.train.recipe import AttentionConfig
+
+
+def test_improvement_ratio_definition():
+    assert improvement_ratio(10.0, 8.0, 6.0) == pytest.approx(0.5)  # half of full attention's gain
+    assert improvement_ratio(10.0, 6.0, 6.0) == pytest.approx(1.0)
+    assert improvement_ratio(10.0, 11.0, 6.0) == pytest.approx(-0.25)  # worse than no training
+    assert improvement_ratio(6.0, 6.0, 6.0) is None  # full attention gained nothing: undefined
+
+
+def test_method_variants_parse_and_validate():
+    a = method_attention(AttentionConfig(group_ratio=0.125), "sf:sink_tokens=8,shifted_head_fraction=0")
+    assert (a.pattern, a.sink_tokens, a.shifted_head_fraction, a.group_ratio) == ("sf", 8, 0.0, 0.125)
+    with pytest.raises(ConfigError, match="methods entry 'sf:sinks=8'"):
+        load_config(CompareConfig, overrides=["methods=[full,'sf:sinks=8']"])
+    with pytest.raises(ConfigError, match="include 'full'"):
+        load_config(CompareConfig, overrides=["methods=[s2,sf]"])
+
+
+def test_compare_smoke(tmp_path):
+    model, tok = tiny_llama(max_position_embeddings=128), tiny_tokenizer()
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "data").mkdir()
+    for i in range(4):
+        (tmp_path / "data" / f"{i}.txt").write_text(f"Act {i}. The pass of time is a river of words. " * 40)
+    cfg = load_config(CompareConfig, overrides={
+        "model": str(tmp_path / "model"), "data": str(tmp_path / "data"), "output_dir": str(tmp_path / "cmp"),
+        "target_len": 512, "train_len": 128, "attention": {"group_size": 32}, "methods": ["full", "s2", "sf"],
+        "train": {"max_steps": 2, "learning_rate": 5e-3, "warmup_steps": 0},
+        "eval": {"length": 300, "docs": 1, "passkey_trials": 1, "passkey_depths": [0.5]},
+    })
+    report = run(cfg)
+    rows = {r["method"]: r for r in report["rows"]}
+    assert set(rows) == {"base (PI only)", "full", "s2", "sf"}
+    assert rows["full"]["improvement_ratio"] == pytest.approx(1.0)
+    for m in ("s2", "sf"):
+        expected = (rows["base (PI only)"]["ppl"] - rows[m]["ppl"]) / (rows["base (PI only)"]["ppl"] - rows["full"]["ppl"])
+        assert rows[m]["improvement_ratio"] == pytest.approx(expected)
+        assert rows[m]["ppl"] < rows["base (PI only)"]["ppl"]  # two steps on repeated text already help
+    assert len({r["ppl_docs"][0] for r in report["rows"]}) == 1  # every method on the same held-out document
+    saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert saved["meta"]["versions"]["torch"] and "| sf |" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
