@@ -238,7 +238,7 @@ def test_resolve_defaults():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("pattern", ALL)
-@pytest.mark.parametrize("shape", [(1, 9, 3, 1000, 64), (2, 8, 2, 512, 64), (1, 4, 4, 300, 32)])
+@pytest.mark.parametrize("shape", [(2, 9, 3, 1000, 64)])  # few shapes: each one compiles kernels
 def test_flex_matches_reference_fp32(pattern, shape):
     B, Hq, Hkv, N, D = shape
     q, k, v = _qkv(B, Hq, Hkv, N, D, device="cuda")
@@ -251,7 +251,7 @@ def test_flex_matches_reference_fp32(pattern, shape):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pattern", SPARSE)
+@pytest.mark.parametrize("pattern", ["s2", "sf"])
 def test_flex_bf16_within_twice_pytorch_error(pattern):
     B, Hq, Hkv, N, D = 1, 8, 2, 1024, 64
     q, k, v = _qkv(B, Hq, Hkv, N, D, device="cuda")
@@ -278,3 +278,31 @@ def test_flex_padding_and_packing():
         ref = sparse_attention(q, k, v, "sf", backend="reference", group_size=64, **extra)
         got = sparse_attention(q, k, v, "sf", backend="flex", group_size=64, **extra)
         assert _rel_err(got, ref) < 1e-4
+
+
+@pytest.mark.parametrize("pattern", ALL)
+def test_flex_mask_mod_logic_on_cpu(pattern):
+    """The GPU path's mask_mod (padding and packing included), run through eager FlexAttention on CPU
+    (forward only: Flex has no CPU backward), equals the oracle."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from sinklora.attention import resolve_pattern
+    from sinklora.attention.flex import _mask_mod
+
+    B, Hq, Hkv, N, D = 2, 9, 3, 300, 16
+    q, k, v = (t.detach() for t in _qkv(B, Hq, Hkv, N, D, seed=5))
+    spec = resolve_pattern(pattern, N, Hq, group_size=64)
+    kpm = torch.ones(B, N, dtype=torch.bool)
+    kpm[0, 250:] = False
+    lens = torch.tensor([100, 120, 80])
+    docs = dict(doc_ids=torch.repeat_interleave(torch.arange(3), lens), doc_start=torch.cumsum(lens, 0) - lens, doc_len=lens)
+    for extra, mod, batch in (({}, _mask_mod(spec), None), ({"key_padding_mask": kpm}, _mask_mod(spec, kpm), B),
+                              ({"doc_lengths": (100, 120, 80)}, _mask_mod(spec, **docs), None)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            block_mask = create_block_mask(mod, batch, Hq, N, N, device="cpu")
+            got = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+        ref = sparse_attention(q, k, v, pattern, backend="reference", group_size=64, **extra)
+        assert _rel_err(got, ref) < 1e-5, list(extra)

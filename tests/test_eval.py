@@ -84,7 +84,8 @@ def test_peft_wrapped_model_uses_its_adapter(model):
     from peft import LoraConfig, get_peft_model
 
     doc = _doc(48, seed=5)
-    wrapped = get_peft_model(tiny_llama(seed=0), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    wrapped = get_peft_model(tiny_llama(seed=0), lora)
     with torch.no_grad():
         loss = wrapped(input_ids=doc.unsqueeze(0), labels=doc.unsqueeze(0)).loss.item()
     nll, n = perplexity.document_nll(wrapped, doc, 48)
@@ -132,13 +133,14 @@ EXPECTED_PROMPT = (
 
 def test_passkey_prompt_matches_longlora_format():
     assert passkey.make_prompt(10, 95, 4242) == EXPECTED_PROMPT
-    assert passkey.make_prompt(0, 0, 7).split("\n")[1:4] == ["", "The pass key is 7. Remember it. 7 is the pass key.", ""]
+    key_only = ["", "The pass key is 7. Remember it. 7 is the pass key.", ""]
+    assert passkey.make_prompt(0, 0, 7).split("\n")[1:4] == key_only
 
 
 class _WordTokenizer:
     """Whitespace-word tokenizer: a coarse tokenizer where one filler sentence is several tokens."""
 
-    def __call__(self, text, add_special_tokens=True):
+    def __call__(self, text, add_special_tokens=True, verbose=True):
         return SimpleNamespace(input_ids=[len(w) for w in re.findall(r"\S+|\n", text)])
 
 
@@ -191,10 +193,12 @@ def test_passkey_scoring_exact_token_match(answer, exact, digits):
     out = passkey.run_passkey(fake, tok, [300, 400], [0.0, 1.0], trials=2, seed=3, progress=False,
                               cache_factory=lambda: sentinel, output_scores=False)
     assert out["accuracy"] == [[exact] * 2] * 2 and out["digit_accuracy"] == [[digits] * 2] * 2
-    assert len(fake.calls) == 8 and all(c["past_key_values"] is sentinel and c["do_sample"] is False for c in fake.calls)
+    assert len(fake.calls) == 8
+    assert all(c["past_key_values"] is sentinel and c["do_sample"] is False for c in fake.calls)
     keys = [d["key"] for d in out["trials_detail"]]
     assert len(set(keys)) == 8 and all(1 <= k <= 50000 for k in keys)
-    assert keys == [d["key"] for d in passkey.run_passkey(fake, tok, [300, 400], [0.0, 1.0], 2, 3, progress=False)["trials_detail"]]
+    again = passkey.run_passkey(fake, tok, [300, 400], [0.0, 1.0], 2, 3, progress=False)
+    assert keys == [d["key"] for d in again["trials_detail"]]
     assert all(d["prompt_tokens"] <= d["length"] for d in out["trials_detail"])
 
 
@@ -210,7 +214,8 @@ def test_run_passkey_with_a_real_tiny_model():
 
 def test_results_and_plots(tmp_path, model):
     ppl = perplexity.evaluate_perplexity(model, [_doc(80).tolist()], [16, 32], progress=False)
-    payload = {"kind": "perplexity", "metadata": results.run_metadata(model="tiny", lengths=[16, 32], loaded_model=model), **ppl}
+    meta = results.run_metadata(model="tiny", lengths=[16, 32], loaded_model=model)
+    payload = {"kind": "perplexity", "metadata": meta, **ppl}
     path = results.write_results(payload, tmp_path / "r" / "results.json")
     back = results.read_results(path)
     assert back["by_length"][1]["ppl"] == pytest.approx(ppl["by_length"][1]["ppl"])

