@@ -270,6 +270,20 @@ def test_flex_bf16_within_twice_pytorch_error(pattern):
 
 
 @pytest.mark.gpu
+def test_default_cuda_backend_with_padding_and_packing():
+    q, k, v = _qkv(2, 9, 3, 700, 64, device="cuda", seed=4)
+    kpm = torch.ones(2, 700, dtype=torch.bool, device="cuda")
+    kpm[0, 500:] = False
+    for extra in (dict(key_padding_mask=kpm), dict(doc_lengths=(100, 250, 350))):
+        ref = _out_and_grads(lambda *a: sparse_attention(*a, "sf", backend="reference", group_size=64, **extra), q, k, v)
+        got = _out_and_grads(lambda *a: sparse_attention(*a, "sf", group_size=64, **extra), q, k, v)
+        for a, b in zip(got, ref):
+            assert _rel_err(a, b) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.xfail(reason="known issue: Flex with a key padding mask or packed documents gave rel. error 0.18 "
+                   "on an H100 (torch 2.11); the default dispatch sends such batches to the grouped path")
 def test_flex_padding_and_packing():
     q, k, v = _qkv(2, 9, 3, 700, 64, device="cuda", seed=4)
     kpm = torch.ones(2, 700, dtype=torch.bool, device="cuda")

@@ -14,8 +14,8 @@ then equals the dense pattern exactly. Padded slots (a short last segment) have 
 computed on a safe dummy row and discarded.
 
 Fast path: a "clean" group (G real tokens, none of them a sink) needs no table: its query a reads
-all S sinks and group keys 0..a, which is SDPA's causal mask aligned bottom-right on ``[sinks | group]``
-(``causal_lower_right(G, S + G)``), a fused kernel. Only the few irregular groups (the first, the
+all S sinks and group keys 0..a, which is a causal mask aligned bottom-right on ``[sinks | group]``,
+run through PyTorch's fused causal SDPA (see :func:`_clean_attention`). Only the few irregular groups (the first, the
 short last ones, those holding sinks, and all groups when there is key padding) use the table.
 """
 
@@ -26,7 +26,6 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from sinklora.attention.patterns import PatternSpec, resolve_pattern_like
 
@@ -123,15 +122,22 @@ def _table_attention(q_g, k_g, v_g, allowed, scale):
 
 
 def _clean_attention(q_g, k_g, v_g, scale):
-    """Clean groups through fused SDPA: bottom-right causal over [sinks | group]."""
+    """Clean groups through fused causal SDPA over keys [sinks | group].
+
+    Query a must read all S sinks and group keys 0..a: bottom-right causal alignment. PyTorch's fused
+    CPU kernels only take top-left ``is_causal``, so S dummy query rows go in front (then query S + a
+    reads keys 0..S + a, exactly right) and are dropped; they get no gradient and change nothing else.
+    """
     B, h, n, G, D = q_g.shape
-    L = k_g.shape[3]
-    mask = causal_lower_right(G, L) if L > G else None
+    S = k_g.shape[3] - G
+    if S:
+        q_g = torch.cat([q_g.new_zeros(B, h, n, S, D), q_g], dim=3)  # (B, h, n, S+G, D)
+    L = S + G
     out = F.scaled_dot_product_attention(
-        q_g.reshape(B, h * n, G, D), k_g.reshape(B, h * n, L, D), v_g.reshape(B, h * n, L, D),
-        attn_mask=mask, is_causal=mask is None, scale=scale,
+        q_g.reshape(B, h * n, L, D), k_g.reshape(B, h * n, L, D), v_g.reshape(B, h * n, L, D),
+        is_causal=True, scale=scale,
     )
-    return out.view(B, h, n, G, D)
+    return out.view(B, h, n, L, D)[:, :, :, S:]
 
 
 def grouped_attention(

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 PRESETS = {
     # a smoke-scale run for a 2-core CPU: it exercises every stage in minutes, it does not extend much
     "cpu-smoke": dict(target_len=16384, train_len=1024, max_steps=6, learning_rate=2e-4, warmup_steps=2,
-                      save_steps=3, eval_length=10240, eval_docs=1, passkey_depths=[0.5], passkey_trials=2),
+                      save_steps=3, eval_length=9216, eval_docs=1, passkey_depths=[0.5], passkey_trials=1),
     # the paper's recipe at SmolLM2 scale on one GPU: 8k -> 32k, 200 steps of 32k tokens
     "gpu": dict(target_len=32768, train_len=32768, max_steps=200, learning_rate=2e-5, warmup_steps=20,
                 save_steps=50, eval_length=32768, eval_docs=4, passkey_depths=[0.0, 0.25, 0.5, 0.75, 1.0],

@@ -10,8 +10,10 @@ row of several examples (``batching=packed``; attention and positions restart in
 The model is ``model`` (a base, or a merged ``sinklora export`` folder) or ``model`` + ``adapter``
 (a ``sinklora train`` output_dir, whose LoRA+ adapter and extended RoPE are continued). Training uses
 the shared recipe (:mod:`sinklora.train.recipe`): sparse attention (``sf``), LoRA+, warm-up then
-constant LR, resumable output folder. The result is an adapter in ``output_dir``: ``sinklora export
-model=M adapter=OUT`` merges it, ``sinklora chat model=M adapter=OUT`` talks to it.
+constant LR, resumable output folder; unset ``train.*`` values take the paper's SFT recipe (LR 2e-5,
+20 warm-up steps) and ``train.max_steps`` defaults to one epoch. The result is an adapter in
+``output_dir``: ``sinklora export model=M adapter=OUT`` merges it, ``sinklora chat model=M adapter=OUT``
+talks to it.
 
 ``eval.tasks=test.jsonl`` (e.g. from ``sinklora data tasks``) measures exact-match accuracy of greedy
 answers with full attention, before and after training (table, ``results.json``).
