@@ -15,6 +15,7 @@ import transformers
 
 from conftest import tiny_llama, tiny_tokenizer
 from sinklora.eval import passkey, perplexity, plots, results
+from sinklora.hf.cache import cache_kwargs
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +195,8 @@ def test_passkey_scoring_exact_token_match(answer, exact, digits):
                               cache_factory=lambda: sentinel, output_scores=False)
     assert out["accuracy"] == [[exact] * 2] * 2 and out["digit_accuracy"] == [[digits] * 2] * 2
     assert len(fake.calls) == 8
-    assert all(c["past_key_values"] is sentinel and c["do_sample"] is False for c in fake.calls)
+    (cache_key,) = cache_kwargs(sentinel)  # "cache" or "past_key_values", by transformers version
+    assert all(c[cache_key] is sentinel and c["do_sample"] is False for c in fake.calls)
     keys = [d["key"] for d in out["trials_detail"]]
     assert len(set(keys)) == 8 and all(1 <= k <= 50000 for k in keys)
     again = passkey.run_passkey(fake, tok, [300, 400], [0.0, 1.0], 2, 3, progress=False)

@@ -61,7 +61,7 @@ class AttentionConfig:
 
 @dataclass
 class TrainingConfig:
-    max_steps: int | None = option(None, "optimizer steps (default: from the preset)")
+    max_steps: int | None = option(None, "optimizer steps (default: the preset's for train, one epoch for sft)")
     batch_size: int = option(1, "sequences per device per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     learning_rate: float | None = option(None, "peak learning rate (paper: 2e-5; default: from the preset)")
