@@ -123,6 +123,8 @@ def prepare_output_dir(cfg: Any) -> Path | None:
 
     out = Path(cfg.output_dir)
     saved = out / RESOLVED_CONFIG
+    if not is_main_process():  # rank 0 decides (and refuses); the others must not race its writes
+        return last_checkpoint(out) if cfg.resume and out.is_dir() else None
     if out.exists() and any(out.iterdir()):
         if cfg.overwrite:
             logger.warning("overwrite=true: deleting the previous run in %s", out)
@@ -147,8 +149,7 @@ def prepare_output_dir(cfg: Any) -> Path | None:
     elif cfg.resume:
         logger.warning("resume=true but %s holds no run yet: starting a fresh one", out)
     out.mkdir(parents=True, exist_ok=True)
-    if is_main_process():
-        save_config(cfg, saved)
+    save_config(cfg, saved)
     return None
 
 
