@@ -104,23 +104,18 @@ def _base_model(model):
 
 def check_supported(model) -> None:
     """Refuse models the attention engine cannot serve, with the reason."""
-    cfg = _base_model(model).config
-    cfg = getattr(cfg, "text_config", cfg) if not hasattr(cfg, "num_attention_heads") else cfg
-    hq, hkv = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None) or getattr(
-        cfg, "num_attention_heads", None
-    )
-    if hq is None:
+    from sinklora.models.loading import check_supported as check_config
+
+    base = _base_model(model)
+    if not getattr(base, "_supports_attention_backend", False):
         raise ValueError(
-            f"model type {getattr(cfg, 'model_type', '?')!r} has no num_attention_heads: sinklora supports "
-            "Llama-family decoders (Llama, Mistral, Qwen2, SmolLM2, ...)"
-        )
-    if hq % hkv:
-        raise ValueError(f"num_attention_heads={hq} is not a multiple of num_key_value_heads={hkv}")
-    if not getattr(_base_model(model), "_supports_attention_backend", False):
-        raise ValueError(
-            f"{type(_base_model(model)).__name__} does not dispatch through transformers' AttentionInterface, "
+            f"{type(base).__name__} does not dispatch through transformers' AttentionInterface, "
             "so a sparse training pattern cannot be plugged in: use a Llama-family model"
         )
+    check_config(base.config)  # a Llama-family RoPE decoder with num_attention_heads / num_key_value_heads
+    hq, hkv = base.config.num_attention_heads, base.config.num_key_value_heads
+    if hq % hkv:
+        raise ValueError(f"num_attention_heads={hq} is not a multiple of num_key_value_heads={hkv}")
 
 
 class use_attention(contextlib.ContextDecorator):

@@ -31,7 +31,6 @@ from sinklora.train.recipe import (
     build_model,
     make_trainer,
     prepare_output_dir,
-    set_tokens_per_step,
     train_and_save,
 )
 
@@ -224,8 +223,7 @@ def run(cfg: ExtendConfig, callbacks: list | None = None) -> dict:
     if cfg.eval.enabled and not do_eval:
         logger.info("distributed run: skipping the built-in evaluation (run `sinklora eval ppl` afterwards)")
     before = evaluate(model, tokenizer, cfg.eval, "before") if do_eval and resume_from is None else None
-    trainer = make_trainer(model, tokenizer, _Rows(rows), tc, out, callbacks=callbacks)
-    set_tokens_per_step(trainer, cfg.train_len)
+    trainer = make_trainer(model, tokenizer, _Rows(rows), tc, out, tokens_per_row=cfg.train_len, callbacks=callbacks)
     with use_attention(model, cfg.attention.pattern, **cfg.attention.params()):
         summary = train_and_save(trainer, out, resume_from)
     after = evaluate(model, tokenizer, cfg.eval, "after") if do_eval else None

@@ -195,29 +195,33 @@ def build_model(model_name: str, target_len: int, *, original_len: int | None, r
 # ---- the Trainer ---------------------------------------------------------------------------------
 
 
-def make_trainer(model, tokenizer, dataset, tcfg: TrainingConfig, output_dir: Path, *, collator=None,
-                 callbacks: list | None = None, defaults: dict | None = None):
-    """An HF Trainer with the paper's recipe: AdamW, warm-up then constant LR, bf16 on GPU."""
+def make_trainer(model, tokenizer, dataset, tcfg: TrainingConfig, output_dir: Path, *, tokens_per_row: int,
+                 collator=None, callbacks: list | None = None):
+    """An HF Trainer with the paper's recipe: AdamW, warm-up then constant LR, bf16 on GPU.
+
+    ``tcfg.max_steps`` must be resolved (presets); ``tokens_per_row`` (tokens in one dataset item) makes
+    the logged ``tokens_per_s``.
+    """
+    import os
+
     from transformers import Trainer, default_data_collator
 
     from sinklora.hf.trainer import training_arguments
 
-    d = defaults or {}
-    steps = tcfg.max_steps or d["max_steps"]
     args = training_arguments(
         output_dir=str(output_dir),
-        max_steps=steps,
+        max_steps=tcfg.max_steps,
         per_device_train_batch_size=tcfg.batch_size,
         gradient_accumulation_steps=tcfg.grad_accum,
-        learning_rate=tcfg.learning_rate or d.get("learning_rate", 2e-5),
+        learning_rate=tcfg.learning_rate or 2e-5,
         lr_scheduler_type="constant_with_warmup",
-        warmup_steps=tcfg.warmup_steps if tcfg.warmup_steps is not None else min(20, d.get("warmup_steps", 20)),
+        warmup_steps=tcfg.warmup_steps if tcfg.warmup_steps is not None else 20,
         weight_decay=tcfg.weight_decay,
         bf16=use_bf16(tcfg.precision),
         activation_checkpointing=tcfg.activation_checkpointing,
         logging_steps=tcfg.logging_steps,
         save_strategy="steps",
-        save_steps=tcfg.save_steps or d.get("save_steps", max(1, steps // 4)),
+        save_steps=tcfg.save_steps or max(1, tcfg.max_steps // 4),
         save_total_limit=tcfg.save_total_limit,
         seed=tcfg.seed,
         data_seed=tcfg.seed,
@@ -228,17 +232,19 @@ def make_trainer(model, tokenizer, dataset, tcfg: TrainingConfig, output_dir: Pa
         deepspeed=tcfg.deepspeed,
         disable_tqdm=False,
     )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tokens_per_step = tokens_per_row * tcfg.batch_size * tcfg.grad_accum * world
     return Trainer(
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=collator or default_data_collator,
         processing_class=tokenizer,
-        callbacks=[ThroughputCallback()] + list(callbacks or []),
+        callbacks=[ThroughputCallback(tokens_per_step)] + list(callbacks or []),
     )
 
 
-def ThroughputCallback():
+def ThroughputCallback(tokens_per_step: int):
     """Adds ``tokens_per_s`` (training tokens per second since the previous log) to every log entry."""
     from transformers import TrainerCallback
 
@@ -253,26 +259,14 @@ def ThroughputCallback():
             if logs is None or "loss" not in logs or self.t0 is None:
                 return
             now = time.perf_counter()
-            tokens = (state.global_step - self.step0) * self.tokens_per_step
+            tokens = (state.global_step - self.step0) * tokens_per_step
             if tokens > 0:
                 logs["tokens_per_s"] = round(tokens / (now - self.t0), 1)
                 if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
                     state.log_history[-1]["tokens_per_s"] = logs["tokens_per_s"]  # the Trainer logged a copy
             self.t0, self.step0 = now, state.global_step
 
-        tokens_per_step = 0
-
     return _Throughput()
-
-
-def set_tokens_per_step(trainer, seq_len: int) -> None:
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_step = seq_len * trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps * world
-    for cb in trainer.callback_handler.callbacks:
-        if hasattr(cb, "tokens_per_step"):
-            cb.tokens_per_step = per_step
 
 
 def train_and_save(trainer, output_dir: Path, resume_from: Path | None) -> dict:

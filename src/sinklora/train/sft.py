@@ -45,7 +45,6 @@ from sinklora.train.recipe import (
     build_model,
     make_trainer,
     prepare_output_dir,
-    set_tokens_per_step,
     train_and_save,
 )
 
@@ -366,9 +365,9 @@ def run(cfg: SFTConfig, callbacks: list | None = None) -> dict:
     before = evaluate_tasks(model, tokenizer, task_records, label="before", **kw) if do_eval and ev.before else None
     # a dataset item is a whole micro-batch, so the Trainer's own batch size is 1
     trainer = make_trainer(model, tokenizer, BatchDataset(examples, batches), dataclasses.replace(tc, batch_size=1), out,
+                           tokens_per_row=round(sum(lengths) / len(batches)),
                            collator=SFTCollator(tokenizer.pad_token_id, packed=cfg.batching == "packed"),
                            callbacks=callbacks)
-    set_tokens_per_step(trainer, round(sum(lengths) / len(batches)))
     with use_attention(model, cfg.attention.pattern, **cfg.attention.params()):
         summary = train_and_save(trainer, out, resume_from)
     after = evaluate_tasks(model, tokenizer, task_records, label="after", **kw) if do_eval else None
