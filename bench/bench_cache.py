@@ -1,9 +1,10 @@
 """KV-cache policies against the full cache, measured in one run: KV memory, decode speed, passkey, perplexity.
 
-For each policy (h2o, sink, local) at each budget (ratios of the prompt) and the full cache:
+For each policy (h2o, snapkv, sink, local) at each budget (ratios of the prompt) and the full cache:
 - speed/memory: prefill a ``--prompt-len`` prompt, then decode ``--new-tokens`` tokens greedily one forward at a
   time (the loop ``generate`` runs, without its bookkeeping); median decode tokens/s over ``--trials``;
-  KV bytes kept after the last step (exact tensor sizes), and the CUDA peak during decoding on GPU.
+  KV bytes kept after the last step (exact tensor sizes), and the CUDA peak during decoding on GPU
+  (`--trials 0` skips this part).
 - passkey: :func:`sinklora.eval.passkey.run_passkey` with a fresh cache per prompt (budget = ratio of that prompt).
 - perplexity: one held-out document of ``--ppl-tokens`` tokens streamed through the cache in chunks of
   ``--ppl-chunk`` tokens (chunk 1 = token by token; a chunk attends to the kept cache plus itself causally,
@@ -36,13 +37,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: fp32 on CPU, bf16 on GPU")
-    p.add_argument("--policies", nargs="+", default=["h2o", "sink", "local"])
+    p.add_argument("--policies", nargs="+", default=["h2o", "snapkv", "sink", "local"])
     p.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.2, 0.1], help="ratios of the prompt")
     p.add_argument("--h2o-sinks", type=int, default=0, help="sink tokens for h2o (the sink policy uses 4)")
     p.add_argument("--score-method", default="chunked", choices=["chunked", "sdpa_grad"])
+    p.add_argument("--positions", default="absolute", choices=["absolute", "rank"],
+                   help="RoPE positions of kept tokens (rank: StreamingLLM's positions within the cache)")
     p.add_argument("--prompt-len", type=int, default=8192)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--trials", type=int, default=2, help="speed repetitions (median)")
+    p.add_argument("--trials", type=int, default=2, help="speed repetitions (median); 0 skips the speed runs")
     p.add_argument("--warmup", type=int, default=1, help="untimed speed runs first")
     p.add_argument("--passkey-lengths", nargs="*", type=int, default=[2048, 4096, 8192])
     p.add_argument("--passkey-depths", nargs="*", type=float, default=[0.1, 0.3, 0.5, 0.7, 0.9])
@@ -60,7 +63,8 @@ def configs(args: argparse.Namespace) -> list[tuple[str, float | None]]:
 
 def build_cache(model, policy: str, budget: float | int | None, args: argparse.Namespace):
     sinks = args.h2o_sinks if policy == "h2o" else None
-    return make_cache(model, policy, budget, sinks=sinks, score_method=args.score_method)
+    positions = "absolute" if policy == "full" else args.positions
+    return make_cache(model, policy, budget, sinks=sinks, score_method=args.score_method, positions=positions)
 
 
 def _sync(device: torch.device) -> None:
@@ -146,22 +150,31 @@ def markdown(results: dict) -> str:
     rows = results["rows"]
     full = next(r for r in rows if r["policy"] == "full")
     lengths = results["settings"]["passkey_lengths"]
-    head = ["policy", "budget", "kept tokens", "KV MiB", "KV vs full", "prefill s", "decode tok/s", "speedup"]
+    timed = "decode_tokens_per_s" in full
+    head = ["policy", "budget"]
+    head += ["kept tokens", "KV MiB", "KV vs full", "prefill s", "decode tok/s", "speedup"] if timed else []
     head += [f"passkey {n}" for n in lengths] + (["ppl"] if "ppl" in full else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["policy"], "-" if r["budget"] is None else f"{r['budget']:.0%}", str(r["kept_tokens"]),
-                 f"{r['kv_bytes'] / 2**20:.1f}", f"{r['kv_bytes'] / full['kv_bytes']:.2f}", f"{r['prefill_s']:.2f}",
-                 f"{r['decode_tokens_per_s']:.1f}", f"{r['decode_tokens_per_s'] / full['decode_tokens_per_s']:.2f}x"]
+        cells = [r["policy"], "-" if r["budget"] is None else f"{r['budget']:.0%}"]
+        if timed:
+            cells += [str(r["kept_tokens"]), f"{r['kv_bytes'] / 2**20:.1f}", f"{r['kv_bytes'] / full['kv_bytes']:.2f}",
+                      f"{r['prefill_s']:.2f}", f"{r['decode_tokens_per_s']:.1f}",
+                      f"{r['decode_tokens_per_s'] / full['decode_tokens_per_s']:.2f}x"]
         cells += [f"{a:.2f}" for a in r.get("passkey_by_length", [float('nan')] * len(lengths))]
         if "ppl" in full:
             cells.append(f"{r['ppl']:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     s = results["settings"]
-    lines += ["", f"{s['model']} on {s['device_name']} ({s['dtype']}), prompt {s['prompt_len']} tokens, "
-              f"{s['new_tokens']} decoded tokens, median of {s['trials']}; passkey depths {s['passkey_depths']} x "
-              f"{s['passkey_trials']} trials; perplexity: {s['ppl_tokens']} tokens of held-out {s['ppl_source']} in "
-              f"chunks of {s['ppl_chunk']}; transformers {s['transformers']}, torch {s['torch']}."]
+    parts = [f"{s['model']} on {s['device_name']} ({s['dtype']}), {s['positions']} positions"]
+    if timed:
+        parts.append(f"prompt {s['prompt_len']} tokens, {s['new_tokens']} decoded tokens, median of {s['trials']}")
+    if lengths:
+        parts.append(f"passkey depths {s['passkey_depths']} x {s['passkey_trials']} trials")
+    if "ppl" in full:
+        parts.append(f"perplexity: {s['ppl_tokens']} tokens of held-out {s['ppl_source']} in chunks of {s['ppl_chunk']}")
+    parts.append(f"transformers {s['transformers']}, torch {s['torch']}.")
+    lines += ["", "; ".join(parts)]
     return "\n".join(lines) + "\n"
 
 
@@ -186,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for policy, budget in configs(args):
         t0 = time.perf_counter()
-        row = {"policy": policy, "budget": budget, **speed(model, ids, policy, budget, args)}
+        row = {"policy": policy, "budget": budget, **(speed(model, ids, policy, budget, args) if args.trials else {})}
         if args.passkey_lengths:
             pk = run_passkey(model, tokenizer, args.passkey_lengths, args.passkey_depths, args.passkey_trials,
                              cache_factory=lambda: build_cache(model, policy, budget, args), progress=False)

@@ -72,7 +72,6 @@ def measure(model, pattern: str, n: int, repeats: int, device: str) -> dict:
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - t0) / repeats
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    del opt
     return {"pattern": pattern, "n": n, "step_s": round(seconds, 3), "tokens_per_s": round(n / seconds),
             "peak_gib": round(peak, 2) if peak is not None else None}
 

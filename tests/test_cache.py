@@ -11,12 +11,17 @@ from sinklora.cache.policies import SlotState, Split, make_policy, parse_budget
 from sinklora.cache.scores import accumulated_attention, dense_accumulated_attention
 from sinklora.hf.cache import PolicyCache, cache_kwargs, make_cache
 
-EVICTING = [("local", {}), ("sink", {}), ("h2o", {}), ("h2o", {"sinks": 2}), ("h2o", {"heavy_ratio": 0.25})]
+EVICTING = [("local", {}), ("sink", {}), ("h2o", {}), ("h2o", {"sinks": 2}), ("h2o", {"heavy_ratio": 0.25}), ("snapkv", {})]
 
 
 @pytest.fixture(scope="module")
 def model():
     return tiny_llama(seed=0)
+
+
+@pytest.fixture(scope="module")
+def sharp():
+    return _sharp()
 
 
 def _sharp(attn_implementation: str = "sdpa"):
@@ -38,7 +43,7 @@ def _greedy(model, ids, cache=None, n=12):
                               pad_token_id=256, **extra)
 
 
-@pytest.mark.parametrize("name", ["full", "local", "sink", "h2o"])
+@pytest.mark.parametrize("name", ["full", "local", "sink", "h2o", "snapkv"])
 def test_budget_at_least_sequence_generates_like_full(model, name):
     ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(1))
     ref = _greedy(model, ids)
@@ -49,47 +54,159 @@ def test_budget_at_least_sequence_generates_like_full(model, name):
 
 
 @pytest.mark.parametrize("name,kw", EVICTING)
-def test_budget_sinks_and_order_hold_after_every_step(model, name, kw):
-    budget, prompt = 12, 25
-    cache = make_cache(model, name, budget=budget, **kw)
+def test_budget_sinks_recent_and_slot_contents_hold_after_every_step(sharp, name, kw):
+    """Prompt, one-token steps, a 3-token step in the middle of decoding, more one-token steps: after
+    every step at most `budget` tokens are kept, each once; the sinks and the W most recent survive;
+    every kept slot still holds its own token's key and value (layer 0, whose keys depend only on the
+    token and its position, against a full cache fed the same tokens). Sharp attention, so H2O frees
+    different slots in different rows and heads."""
+    model, budget, prompt = sharp, 12, 25
+    cache, full = make_cache(model, name, budget=budget, **kw), make_cache(model, "full")
     ids = torch.randint(0, 256, (2, prompt), generator=torch.Generator().manual_seed(2))
     seen = 0
     with torch.inference_mode():
-        for step in range(10):
+        for step in range(12):
             out = model(ids, **cache_kwargs(cache))
+            model(ids, **cache_kwargs(full))
             seen += ids.shape[1]
             split = cache.split
             assert split.total == budget
             for layer in cache.layers:
-                pos = layer.positions  # (B, Hkv, kept)
-                assert layer.seen == seen and layer.keys.shape[-2] == pos.shape[-1] == min(seen, budget)
-                assert layer.keys.shape[-2] <= budget
-                assert (pos[..., 1:] > pos[..., :-1]).all(), "kept tokens out of order"
+                assert layer.seen == seen and layer.kept == min(seen, budget)
+                pos = layer.positions.gather(-1, layer.token_order())  # (B, Hkv, kept), oldest first
+                assert (pos[..., 1:] > pos[..., :-1]).all() and (pos < seen).all(), "a token kept twice"
                 s = min(split.sinks, seen)
                 assert torch.equal(pos[..., :s], torch.arange(s).expand_as(pos[..., :s])), "a sink was evicted"
                 w = min(split.recent, seen)
                 recent = torch.arange(seen - w, seen).expand_as(pos[..., pos.shape[-1] - w:])
                 assert torch.equal(pos[..., pos.shape[-1] - w:], recent), "a recent token was evicted"
+            layer, ref = cache.layers[0], full.layers[0]
+            slots, pos = layer.token_order(), layer.positions.gather(-1, layer.token_order())
+            for got, want in ((layer.keys, ref.keys), (layer.values, ref.values)):
+                rows = lambda i: i.unsqueeze(-1).expand(-1, -1, -1, got.shape[-1])  # noqa: E731
+                torch.testing.assert_close(got.gather(2, rows(slots)), want.gather(2, rows(pos)), rtol=0, atol=1e-6)
             ids = out.logits[:, -1:].argmax(-1)
+            if step == 5:  # a multi-token step after one-token eviction (a new chat turn)
+                ids = torch.cat([ids, ids + 1, ids + 2], dim=1)
     assert cache.stats()["max_kept_tokens"] == budget
 
 
-def test_h2o_keeps_largest_accumulated_attention_of_the_prompt():
+def test_h2o_decoding_evicts_the_lowest_accumulated_attention():
+    """One token at a time: the slot H2O frees is never protected and never scores above a kept
+    heavy-hitter candidate, and the next token is written into exactly that slot."""
+    model = _sharp()
+    cache = make_cache(model, "h2o", budget=10, sinks=2)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(8))
+    with torch.inference_mode():
+        out = model(ids, **cache_kwargs(cache))
+        for _ in range(8):
+            before = [(layer.free, layer.seen) for layer in cache.layers]
+            out = model(out.logits[:, -1:].argmax(-1), **cache_kwargs(cache))
+            split = cache.split
+            for layer, (free_before, seen_before) in zip(cache.layers, before):
+                if free_before is not None:
+                    assert (layer.positions.gather(-1, free_before) == seen_before).all(), "the new token went elsewhere"
+                free, pos, score = layer.free, layer.positions, layer.attention
+                assert free is not None and layer.kept == split.total
+                freed_pos = pos.gather(-1, free)
+                assert (freed_pos >= split.sinks).all() and (freed_pos < layer.seen - split.recent).all()
+                middle = (pos >= split.sinks) & (pos < layer.seen - split.recent)
+                middle.scatter_(-1, free, False)
+                lowest_kept = score.masked_fill(~middle, float("inf")).amin(dim=-1, keepdim=True)
+                assert (score.gather(-1, free) <= lowest_kept).all()
+
+
+def test_one_token_step_writes_into_each_heads_freed_slot():
+    """Without a model: the prompt step leaves budget + 1 slots, each head frees its own lowest-scored
+    middle slot, and the next token's key/value/position land exactly there (other slots untouched)."""
+    layer = PolicyCache(make_policy("h2o", 4, sinks=1), 1).layers[0]  # split of 5 tokens: 1 sink, 1 heavy, 2 recent
+    k = torch.randn(1, 2, 5, 3, generator=torch.Generator().manual_seed(10))
+    layer.update(k, -k)
+    layer.finish(None, None, 1.0, probs=torch.tensor([[[5.0, 1.0, 2.0, 0.0, 0.0], [5.0, 2.0, 1.0, 0.0, 0.0]]]))
+    assert layer.free.tolist() == [[[1], [2]]] and layer.kept == 4 and layer.evicted == 1
+    new = torch.randn(1, 2, 1, 3, generator=torch.Generator().manual_seed(11))
+    keys, values = layer.update(new, -new)
+    expected = k.clone()
+    expected[0, 0, 1], expected[0, 1, 2] = new[0, 0, 0], new[0, 1, 0]
+    assert torch.equal(keys, expected) and torch.equal(values, -expected)
+    assert layer.positions.tolist() == [[[0, 5, 2, 3, 4], [0, 1, 5, 3, 4]]]
+    assert layer.attention[0, 0, 1] == 0 and layer.attention[0, 1, 2] == 0 and layer.free is None
+
+
+@pytest.mark.parametrize("positions", ["absolute", "rank"])
+@pytest.mark.parametrize("name,kw", [("sink", {}), ("local", {}), ("h2o", {"sinks": 1})])
+def test_one_layer_step_equals_a_fresh_pass_over_the_kept_tokens(name, kw, positions):
+    """A one-layer model's keys and values depend only on each token and its position, so after any
+    eviction the next logits must equal a fresh forward over just the kept tokens plus the new one: at
+    their absolute positions, or (``rank``, StreamingLLM) at positions 0, 1, ... within the cache. One
+    KV head and batch 1, so every head keeps the same tokens."""
+    model = tiny_llama(seed=1, num_hidden_layers=1, num_key_value_heads=1)
+    cache = make_cache(model, name, budget=9, positions=positions, **kw)
+    tokens = torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(12)).tolist()
+    with torch.inference_mode():
+        out = model(torch.tensor([tokens]), **cache_kwargs(cache))
+        for _ in range(10):
+            layer = cache.layers[0]
+            kept = layer.positions[0, 0, layer.token_order()[0, 0]].tolist()
+            tokens.append(int(out.logits[0, -1].argmax()))
+            out = model(torch.tensor([tokens[-1:]]), **cache_kwargs(cache))
+            ids = [tokens[p] for p in kept] + tokens[-1:]
+            pos = kept + [len(tokens) - 1] if positions == "absolute" else list(range(len(ids)))
+            causal = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()[None, None]  # gaps are not new documents
+            ref = model(torch.tensor([ids]), position_ids=torch.tensor([pos]), attention_mask=causal,
+                        use_cache=False).logits[0, -1]
+            torch.testing.assert_close(out.logits[0, -1], ref, atol=1e-5, rtol=1e-5)
+    assert cache.stats()["evicted_tokens"] > 0 and cache.stats()["positions"] == positions
+
+
+def test_rank_positions_need_a_composable_rope(model):
+    with pytest.raises(ValueError, match="policy 'full' never evicts"):
+        make_cache(model, "full", positions="rank")
+    with pytest.raises(ValueError, match="'absolute' \\(default\\) or 'rank'"):
+        make_cache(model, "sink", budget=8, positions="relative")
+    yarn = tiny_llama(seed=0, rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
+                                               "original_max_position_embeddings": 128})
+    with pytest.raises(ValueError, match="'yarn'.*cannot be re-rotated"):
+        make_cache(yarn, "sink", budget=8, positions="rank")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_query_attention_matches_sdpa_and_dense_scores(dtype):
+    from sinklora.hf.cache import _one_query_attention
+
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, h, n, 16, generator=g).to(dtype) for h, n in ((6, 1), (2, 23), (2, 23)))
+    out, probs = _one_query_attention(q, k, v, 0.25)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=0.25,
+                                                           enable_gqa=True).transpose(1, 2)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+    dense = dense_accumulated_attention(q.float(), k.float(), scaling=0.25, past=22)
+    torch.testing.assert_close(probs, dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,window", [("h2o", None), ("snapkv", 6)])
+def test_h2o_keeps_largest_accumulated_attention_of_the_prompt(name, window):
     """After the prompt step, each layer and KV head keeps its top-K column sums of the (dense, eager)
-    attention probabilities, summed over the GQA group, plus sinks and recent tokens."""
+    attention probabilities of every query (h2o) or of the last `window` queries (snapkv), summed over
+    the GQA group, plus sinks and recent tokens."""
     n, budget, sinks = 40, 16, 2
     ids = torch.randint(0, 256, (2, n), generator=torch.Generator().manual_seed(3))
     model, eager = _sharp(), _sharp("eager")
+    policy = make_policy(name, budget, sinks=sinks)
+    if window is not None:
+        policy.score_window, policy.pool = window, 1  # pooling makes ties: tested on its own below
     with torch.inference_mode():
         attn = eager(ids, output_attentions=True).attentions  # per layer (B, Hq, n, n)
-        cache = make_cache(model, "h2o", budget=budget, sinks=sinks)
+        cache = make_cache(model, policy)
         model(ids, **cache_kwargs(cache))
     split = cache.split
     assert split == Split(sinks=2, heavy=7, recent=7)
     for layer, probs in zip(cache.layers, attn):
         b, hq = probs.shape[:2]
         hkv = layer.keys.shape[1]
-        scores = probs.double().sum(dim=2).view(b, hkv, hq // hkv, n).sum(dim=2)  # (B, Hkv, n)
+        counted = probs[:, :, -window:] if window else probs  # (B, Hq, queries, n)
+        scores = counted.double().sum(dim=2).view(b, hkv, hq // hkv, n).sum(dim=2)  # (B, Hkv, n)
         middle = scores[..., sinks:n - split.recent]
         heavy = middle.topk(split.heavy, dim=-1).indices.sort(dim=-1).values + sinks
         expected = torch.cat([torch.arange(sinks).expand(b, hkv, -1), heavy,
@@ -98,6 +215,16 @@ def test_h2o_keeps_largest_accumulated_attention_of_the_prompt():
         torch.testing.assert_close(layer.attention.double(), scores.gather(2, expected), atol=1e-4, rtol=1e-4)
     kept = cache.layers[0].positions
     assert not torch.equal(kept[0, 0], kept[0, 1]) and not torch.equal(kept[0], kept[1]), "per head and row"
+
+
+def test_snapkv_pools_scores_over_neighbouring_tokens_not_slots():
+    policy = make_policy("snapkv", 4)
+    policy.pool = 3
+    positions = torch.tensor([[[3, 0, 4, 1, 2, 5]]])  # slot -> token, as after decoding steps
+    by_token = torch.tensor([0.0, 0, 5, 0, 0, 1])  # token 2 scores high, token 5 a little
+    state = SlotState(torch.zeros(1, 1, 6, 2), torch.zeros(1, 1, 6, 2), positions, 6, by_token[positions])
+    pooled_by_token = torch.tensor([0.0, 5, 5, 5, 1, 1])  # tokens 1-3 are token 2's neighbours
+    assert torch.equal(policy.score(state), pooled_by_token[positions])
 
 
 @pytest.mark.parametrize("method", ["chunked", "sdpa_grad"])
@@ -153,10 +280,15 @@ def test_keep_indices_without_model():
     pos = torch.arange(10).expand(1, 2, 10)
     attention = torch.tensor([[[0, 0, 9, 1, 8, 0, 0, 0, 0, 0], [0, 0, 0, 7, 0, 6, 0, 0, 0, 0.]]])
     policy = make_policy("h2o", 5, sinks=1, heavy_ratio=0.5)
-    keep = policy.keep_indices(SlotState(keys, keys, pos, attention), policy.split(10))
-    assert keep.tolist() == [[[0, 2, 4, 8, 9], [0, 3, 5, 8, 9]]]
+    state = SlotState(keys, keys, pos, 10, attention)
+    assert policy.keep_indices(state, policy.split(10)).tolist() == [[[0, 2, 4, 8, 9], [0, 3, 5, 8, 9]]]
     local = make_policy("local", 3)
-    assert local.keep_indices(SlotState(keys, keys, pos), local.split(10)).tolist() == [7, 8, 9]
+    assert local.keep_indices(state, local.split(10)).tolist() == [[[7, 8, 9], [7, 8, 9]]]
+    # one over budget: the lowest-ranked slot is freed (roles come from positions, not slot order)
+    shuffled = SlotState(keys[..., :6, :], keys[..., :6, :], torch.tensor([[[9, 0, 2, 8, 4, 3]] * 2]), 10,
+                         torch.tensor([[[0, 0, 9, 0, 8, 1], [0, 0, 0, 0, 0, 7.]]]))
+    assert policy.evict_slot(shuffled, policy.split(10)).tolist() == [[[5], [2]]]
+    assert make_policy("sink", 4, sinks=1).evict_slot(shuffled, Split(1, 0, 3)).tolist() == [[[2], [2]]]
 
 
 def test_padded_batch_is_refused_and_full_accepts_it(model):
@@ -185,4 +317,4 @@ def test_beam_search_reorders_policy_state(model):
         model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=256, **cache_kwargs(cache))
     layer = cache.layers[0]
     assert layer.keys.shape[0] == layer.positions.shape[0] == layer.attention.shape[0] == 3
-    assert layer.keys.shape[-2] == 10
+    assert layer.kept == 10 and layer.free.shape[0] == 3

@@ -71,17 +71,19 @@ def test_multi_turn_reuses_the_cache_and_matches_a_fresh_run(model_dir):
     assert session.cache.get_seq_length() == 0 and session.stats()["turns"] == 0
 
 
-def test_context_file_and_a_small_budget(model_dir, tmp_path):
+@pytest.mark.parametrize("positions", ["absolute", "rank"])
+def test_context_file_and_a_small_budget(model_dir, tmp_path, positions):
     doc = tmp_path / "doc.txt"
     doc.write_text("The secret word is plum. " * 8)
-    session = chat.load_session(_opts(model_dir, context=str(doc), cache="sink", budget="40", sinks=4))
+    session = chat.load_session(_opts(model_dir, context=str(doc), cache="sink", budget="40", sinks=4,
+                                      positions=positions))
     "".join(session.stream("What is the secret word?"))
     assert "The secret word is plum." in session.messages[1]["content"]
     assert session.messages[1]["content"].endswith("What is the secret word?")
     stats = session.stats()["cache"]
     assert stats["seen_tokens"] > 200 and stats["kept_tokens"] == stats["max_kept_tokens"] == 40
     "".join(session.stream("And again?"))  # a second turn appended to an evicted cache
-    assert session.stats()["cache"]["kept_tokens"] == 40
+    assert session.stats()["cache"]["kept_tokens"] == 40 and session.stats()["cache"]["positions"] == positions
 
 
 def test_config_errors_name_the_field_and_fix(model_dir):
@@ -90,6 +92,7 @@ def test_config_errors_name_the_field_and_fix(model_dir):
     assert any("host=" in e and "allow_remote" in e for e in server.ServeConfig(host="0.0.0.0").validate())
     assert not server.ServeConfig(host="0.0.0.0", allow_remote=True).validate()
     assert any("context=" in e for e in chat.ChatConfig(context="/no/such/file").validate())
+    assert any("positions='rank'" in e for e in chat.ChatConfig(positions="rank").validate())
 
 
 def _sse(body: bytes) -> list[dict]:

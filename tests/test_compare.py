@@ -37,7 +37,8 @@ def test_compare_smoke(tmp_path):
         (tmp_path / "data" / f"{i}.txt").write_text(f"Act {i}. The pass of time is a river of words. " * 40)
     cfg = load_config(CompareConfig, overrides={
         "model": str(tmp_path / "model"), "data": str(tmp_path / "data"), "output_dir": str(tmp_path / "cmp"),
-        "target_len": 512, "train_len": 128, "attention": {"group_size": 32}, "methods": ["full", "s2", "sf"],
+        "target_len": 512, "original_len": 64, "train_len": 128, "attention": {"group_size": 32},
+        "methods": ["full", "s2", "sf"],
         "train": {"max_steps": 2, "learning_rate": 5e-3, "warmup_steps": 0},
         "eval": {"length": 300, "docs": 1, "passkey_trials": 1, "passkey_depths": [0.5]},
     })
@@ -51,5 +52,6 @@ def test_compare_smoke(tmp_path):
         assert rows[m]["ppl"] < rows["base (PI only)"]["ppl"]  # two steps on repeated text already help
     assert len({r["ppl_docs"][0] for r in report["rows"]}) == 1  # every method on the same held-out document
     saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    assert saved["meta"]["versions"]["torch"] and "| sf |" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert report["budget"]["original_len"] == 64 and report["budget"]["factor"] == 8  # told 64, not the config's 128
+    assert saved["meta"]["versions"]["torch"] and "64 -> 512" in (tmp_path / "cmp" / "compare.md").read_text()
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000

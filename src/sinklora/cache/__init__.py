@@ -1,4 +1,5 @@
-"""KV-cache policies for inference (method.md section 3): full, local, sink (StreamingLLM), h2o.
+"""KV-cache policies for inference (method.md section 3): full, local, sink (StreamingLLM), h2o,
+snapkv (H2O scored by the prompt's last queries).
 
 The policies are plain torch (:mod:`sinklora.cache.policies`, :mod:`sinklora.cache.scores`); the
 Hugging Face ``Cache`` integration is :func:`sinklora.hf.cache.make_cache`::
@@ -16,10 +17,11 @@ from sinklora.cache.policies import (
     LocalPolicy,
     SinkPolicy,
     SlotState,
+    SnapKVPolicy,
     Split,
     make_policy,
     parse_budget,
 )
 
-__all__ = ["POLICIES", "FullPolicy", "H2OPolicy", "KVPolicy", "LocalPolicy", "SinkPolicy", "SlotState", "Split",
-           "make_policy", "parse_budget"]
+__all__ = ["POLICIES", "FullPolicy", "H2OPolicy", "KVPolicy", "LocalPolicy", "SinkPolicy", "SlotState",
+           "SnapKVPolicy", "Split", "make_policy", "parse_budget"]

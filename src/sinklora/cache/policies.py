@@ -4,12 +4,16 @@ A policy is one small class; the one method to write is :meth:`KVPolicy.score` (
 Everything else (budgets, the protected sink and recent windows, top-k, gathering) lives in the
 base class, so every policy keeps tokens the same way::
 
-    slots of one KV head, oldest -> newest (n = kept + new tokens of this step)
+    tokens of one KV head, oldest -> newest (kept + new tokens of this step)
     | sinks S | ............ evictable middle ............ | recent W |
               ^ the K highest score() slots survive here
 
-After every forward step at most ``S + K + W`` slots remain (the budget); the step itself attends to
-the kept slots plus its own new tokens. Sinks are never evicted and kept slots keep their order.
+Roles come from each slot's absolute token position, not from where the slot sits: sinks are tokens
+``0..S-1``, the recent window the last ``W`` tokens seen. After every forward step at most ``S + K + W``
+slots remain (the budget); the step itself attends to the kept slots plus its own new tokens. Sinks are
+never evicted. A one-token step over a full cache evicts exactly one slot (the lowest :meth:`KVPolicy.rank`)
+and the next token is written into it, so slot order is token order only until decoding starts
+(attention does not depend on slot order: keys carry their RoPE positions).
 
 Budgets are token counts (``int >= 1``) or ratios of the prompt (``float`` in ``(0, 1]``, resolved
 when the first forward step sees the prompt). Split: ``S = sinks``; of the rest, ``K =
@@ -21,6 +25,12 @@ floor(heavy_ratio * rest)`` heavy hitters and ``W = rest - K`` recent tokens (H2
 | ``local`` | 0 | 0 | budget | - (H2O's "Local" baseline) |
 | ``sink`` | 4 | 0 | budget - S | - (StreamingLLM) |
 | ``h2o`` | 0 (optional) | half | half | attention accumulated over every query that saw the key |
+| ``snapkv`` | 0 (optional) | half | half | as h2o, but a step of several tokens only counts its last 32 queries, max-pooled over 7 neighbouring tokens |
+
+``snapkv`` (SnapKV's observation window and pooling) scores the prompt by what its end (the question)
+attends to, not by what the whole prompt attended to (H2O's sums favour early tokens, which every later
+query sees), and keeps the neighbours of a token that scores high, so a span such as a number survives
+whole. One-token decoding steps count for both alike (and snapkv keeps pooling when it evicts).
 """
 
 from __future__ import annotations
@@ -47,12 +57,13 @@ class Split:
 @dataclass
 class SlotState:
     """What a policy may look at, for one layer. Shapes: ``keys``/``values`` (B, Hkv, N, D);
-    ``positions`` (B, Hkv, N) absolute token indices; ``attention`` (B, Hkv, N) float32 accumulated
-    attention (only when the policy ``needs_attention``)."""
+    ``positions`` (B, Hkv, N) absolute token index of every slot; ``seen`` tokens seen so far;
+    ``attention`` (B, Hkv, N) float32 accumulated attention (only when the policy ``needs_attention``)."""
 
     keys: torch.Tensor
     values: torch.Tensor
     positions: torch.Tensor
+    seen: int
     attention: torch.Tensor | None = None
 
 
@@ -88,6 +99,7 @@ class KVPolicy:
     default_heavy_ratio: ClassVar[float] = 0.0
     allows_sinks: ClassVar[bool] = True
     allows_heavy: ClassVar[bool] = False
+    score_window: ClassVar[int | None] = None  # needs_attention: count only a step's last N queries (None: all)
 
     def __init__(self, budget: int | float | str | None = None, *, sinks: int | None = None,
                  heavy_ratio: float | None = None):
@@ -116,7 +128,7 @@ class KVPolicy:
                              "budget given to heavy hitters; H2O uses 0.5)")
         if self.heavy_ratio and not self.allows_heavy:
             raise ValueError(f"heavy_ratio={self.heavy_ratio}: policy {name!r} keeps no heavy hitters; "
-                             "use heavy_ratio=0 or policy 'h2o'")
+                             "use heavy_ratio=0 or policy 'h2o' or 'snapkv'")
         if isinstance(b, float):
             if not 0.0 < b <= 1.0:
                 raise ValueError(f"budget={b}: a ratio of the prompt must be in (0, 1]; for a token count "
@@ -143,21 +155,24 @@ class KVPolicy:
         ``None``: no heavy hitters (only sinks and recent tokens are kept)."""
         return None
 
+    def rank(self, state: SlotState, split: Split) -> torch.Tensor:
+        """(B, Hkv, N) float32 keep priority: +inf for sinks and the recent window, :meth:`score` for the
+        evictable middle (its position when the policy has no scores: first in, first out)."""
+        pos = state.positions
+        protected = (pos < split.sinks) | (pos >= state.seen - split.recent)
+        scores = self.score(state) if split.heavy else None
+        return (pos if scores is None else scores).float().masked_fill(protected, float("inf"))
+
     def keep_indices(self, state: SlotState, split: Split) -> torch.Tensor | None:
-        """Slot indices to keep, ascending: (n_keep,) shared by all heads, or (B, Hkv, n_keep); None keeps all."""
-        n = state.keys.shape[-2]
-        if n <= split.total:
+        """The ``split.total`` highest-ranked slots in slot order, (B, Hkv, total); None keeps all."""
+        if state.keys.shape[-2] <= split.total:
             return None
-        s, k, w = split.sinks, split.heavy, split.recent
-        device = state.keys.device
-        ends = torch.cat([torch.arange(s, device=device), torch.arange(n - w, n, device=device)])
-        scores = self.score(state) if k else None
-        if scores is None:
-            return ends  # the heavy share of a scoreless policy goes unused (it is 0 for built-in ones)
-        middle = scores[..., s:n - w]  # (B, Hkv, M), M = n - s - w > k
-        heavy = middle.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values + s
-        b, h = heavy.shape[:2]
-        return torch.cat([ends[:s].expand(b, h, s), heavy, ends[s:].expand(b, h, w)], dim=-1)
+        return self.rank(state, split).topk(split.total, dim=-1, sorted=False).indices.sort(dim=-1).values
+
+    def evict_slot(self, state: SlotState, split: Split) -> torch.Tensor:
+        """The one slot to drop when a step left ``split.total + 1`` slots: (B, Hkv, 1), the lowest rank
+        (the same choice as :meth:`keep_indices`, without moving any data)."""
+        return self.rank(state, split).argmin(dim=-1, keepdim=True)
 
 
 class FullPolicy(KVPolicy):
@@ -200,7 +215,25 @@ class H2OPolicy(KVPolicy):
         return state.attention
 
 
-POLICIES: dict[str, type[KVPolicy]] = {p.name: p for p in (FullPolicy, LocalPolicy, SinkPolicy, H2OPolicy)}
+class SnapKVPolicy(H2OPolicy):
+    """H2O whose prompt scores come from the prompt's last ``score_window`` queries (SnapKV's observation
+    window), max-pooled over ``pool`` neighbouring tokens: what the question at the end of a long prompt
+    attends to survives, with its neighbours."""
+
+    name = "snapkv"
+    score_window = 32
+    pool = 7
+
+    def score(self, state: SlotState) -> torch.Tensor | None:
+        order = state.positions.argsort(dim=-1)  # pool over neighbouring *tokens* (slots are not in token order)
+        scores = state.attention.gather(-1, order)
+        b, h, n = scores.shape
+        pooled = torch.nn.functional.max_pool1d(scores.reshape(b * h, 1, n), self.pool, stride=1,
+                                                padding=self.pool // 2).reshape(b, h, n)
+        return torch.empty_like(pooled).scatter_(-1, order, pooled)
+
+
+POLICIES: dict[str, type[KVPolicy]] = {p.name: p for p in (FullPolicy, LocalPolicy, SinkPolicy, H2OPolicy, SnapKVPolicy)}
 
 
 def make_policy(name: str, budget: int | float | str | None = None, *, sinks: int | None = None,

@@ -57,9 +57,10 @@ def _chunked(query: torch.Tensor, key: torch.Tensor, scaling: float, past: int, 
     for start in range(0, n_q, chunk):
         stop = min(n_q, start + chunk)
         visible = past + stop  # keys beyond this are masked for every query of the block
-        logits = torch.einsum("bhgld,bhsd->bhgls", q[:, :, :, start:stop], k[:, :, :visible]).float() * scaling
-        if stop - start > 1:  # a single query sees every visible key
-            logits = logits.masked_fill(~_visible(stop - start, visible, past, key.device, start), float("-inf"))
+        logits = torch.einsum("bhgld,bhsd->bhgls", q[:, :, :, start:stop] * scaling, k[:, :, :visible]).float()
+        if stop - start > 1:  # only the block's own keys need the causal triangle; earlier keys are all visible
+            own = torch.ones(stop - start, stop - start, dtype=torch.bool, device=key.device).tril()
+            logits[..., past + start:].masked_fill_(~own, float("-inf"))
         out[..., :visible] += logits.softmax(dim=-1).sum(dim=(2, 3))
     return out
 

@@ -379,14 +379,20 @@ def _folder_documents(folder: Path) -> list[Document]:
     return docs
 
 
-def _user_documents(source: str) -> list[Document] | None:
-    if source.startswith("hf:"):
-        return _hf_documents(source[3:])
+def source_path(source: str) -> tuple[Path, str]:
+    """A user source's path and text field: ``data.jsonl:body`` -> (data.jsonl, "body"); else (path, "text")."""
     path, field = Path(source), "text"
     if not path.exists() and ":" in source:
         head, tail = source.rsplit(":", 1)
         if Path(head).suffix in (".json", ".jsonl"):
             path, field = Path(head), tail
+    return path, field
+
+
+def _user_documents(source: str) -> list[Document] | None:
+    if source.startswith("hf:"):
+        return _hf_documents(source[3:])
+    path, field = source_path(source)
     if path.is_file() and path.suffix in (".json", ".jsonl"):
         return records_to_documents((r for _, r in read_json_records(path)), field, path.stem)
     if path.is_dir():

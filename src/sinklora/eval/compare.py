@@ -39,6 +39,8 @@ class CompareConfig:
     preset: Literal["auto", "cpu-smoke", "gpu"] = option("auto", "budget defaults (see `sinklora train --help`)")
     data: str = option("books", "training documents (the held-out split is evaluated)")
     target_len: int | None = option(None, "context length to extend to")
+    original_len: int | None = option(None, "pretraining context length (default: the model config's); a smaller "
+                                            "value makes a proxy experiment at short lengths (CPU)")
     train_len: int | None = option(None, "tokens per training row (default: target_len)")
     methods: list[str] = option(factory=lambda: ["full", "s2", "sf"],
                                 help="attention methods; a variant adds settings: sf:sink_tokens=8,shifted_head_fraction=0")
@@ -93,7 +95,7 @@ def run(cfg: CompareConfig) -> dict:
     trained = {}
     for method in cfg.methods:
         ecfg = ExtendConfig(model=cfg.model, output_dir=str(out / _slug(method)), preset=cfg.preset, data=cfg.data,
-                            target_len=cfg.target_len, train_len=cfg.train_len,
+                            target_len=cfg.target_len, original_len=cfg.original_len, train_len=cfg.train_len,
                             attention=method_attention(cfg.attention, method), lora=copy.deepcopy(cfg.lora),
                             train=copy.deepcopy(cfg.train), eval=EvalSettings(enabled=False))
         done = Path(ecfg.output_dir) / "results.json"
@@ -105,7 +107,7 @@ def run(cfg: CompareConfig) -> dict:
             trained[method] = extend.run(ecfg)
     budget = trained[cfg.methods[0]]["budget"]
     probe = ExtendConfig(model=cfg.model, preset=cfg.preset, data=cfg.data, target_len=cfg.target_len,
-                         train_len=cfg.train_len, train=copy.deepcopy(cfg.train), eval=copy.deepcopy(cfg.eval))
+                         original_len=cfg.original_len, train_len=cfg.train_len, train=copy.deepcopy(cfg.train), eval=copy.deepcopy(cfg.eval))
     resolve_preset(probe)  # the same evaluation settings as a `sinklora train` run would use
     e = probe.eval
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -113,7 +115,7 @@ def run(cfg: CompareConfig) -> dict:
 
     def _eval(label: str, adapter: str | None) -> dict:
         model, tok = load_model(cfg.model, adapter=adapter, context_len=probe.target_len if adapter is None else None,
-                                dtype=dtype, device=device)
+                                original_len=cfg.original_len if adapter is None else None, dtype=dtype, device=device)
         t0 = time.perf_counter()
         res = evaluate(model, tok, e, label)
         res["eval_seconds"] = round(time.perf_counter() - t0, 1)

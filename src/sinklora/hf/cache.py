@@ -3,25 +3,37 @@
 Attaching is explicit: build the cache and pass it to ``generate``::
 
     cache = make_cache(model, "h2o", budget=0.2)        # 20% of the prompt, half heavy, half recent
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    out = model.generate(**inputs, max_new_tokens=64, **cache_kwargs(cache))
     cache.stats()                                       # seen / kept tokens, KV bytes, evictions
 
 How a step runs (one layer)::
 
-    update(k_new, v_new)   append; return kept + new (all of it is attended to); mark the step pending
-    attention(q, k, v)     SDPA as transformers' "sdpa"; then the pending layer computes this step's
-                           attention scores if its policy needs them and evicts down to the budget
+    update(k_new, v_new)   add the new tokens; return kept + new (all of it is attended to); mark the step pending
+    attention(q, k, v)     SDPA as transformers' "sdpa" (a one-token H2O step computes its probabilities
+                           itself and hands them over); then the pending layer adds this step's attention
+                           scores if its policy needs them and evicts down to the budget
+
+Decoding moves no cached data: once the cache is full, a one-token step leaves ``budget + 1`` slots, the
+policy names the one to drop (:meth:`KVPolicy.evict_slot`), and the next token's key and value are
+written into that slot (one scratch slot beyond the budget, never attended to while it is stale). Steps
+of several tokens (the prompt, a new chat turn) append and then gather the kept slots.
 
 Evicting layers therefore need the model's attention to go through ``ATTENTION_NAME`` (SDPA plus that
 hand-off, registered with ``AttentionInterface`` and the SDPA mask under the same name);
 :func:`make_cache` switches the model to it (:func:`prepare_model`), and a layer whose step was never
 finished refuses the next one instead of silently growing past its budget.
 
-Positions stay absolute: ``get_seq_length()`` is the number of tokens seen, so RoPE positions and
-generate's input slicing are those of the full cache; ``get_mask_sizes`` reports the kept slots with an
-offset, as ``DynamicSlidingWindowLayer`` does. Batches: equal-length rows work (each row and KV head
-keeps its own heavy hitters); padded batches are refused (the kept slots of different rows would need
-different padding masks); the ``full`` policy accepts anything ``DynamicCache`` does.
+Positions: ``get_seq_length()`` is the number of tokens seen, so RoPE positions and generate's input
+slicing are those of the full cache (``positions="absolute"``, the default); ``get_mask_sizes`` reports
+the kept slots with an offset, as ``DynamicSlidingWindowLayer`` does. ``positions="rank"`` is
+StreamingLLM's mode for streaming past the trained length: every step, each kept key is turned forward
+by the number of tokens evicted after it (RoPE rotations compose), so the query sees its keys at their
+distances *within the cache* (never more than the budget). RoPE types whose rotations do not compose
+exactly (yarn, dynamic, longrope) are refused.
+
+Batches: equal-length rows work (each row and KV head keeps its own heavy hitters); padded batches are
+refused (the kept slots of different rows would need different padding masks); the ``full`` policy
+accepts anything ``DynamicCache`` does.
 """
 
 from __future__ import annotations
@@ -44,21 +56,25 @@ _pending = threading.local()  # the layer whose update() ran and whose attention
 
 
 class PolicyLayer(DynamicLayer):
-    """One layer's cache under a policy. Extra state: ``positions`` (B, Hkv, N) absolute token index of
-    every kept slot, ``attention`` (B, Hkv, N) accumulated attention (policies that need it)."""
+    """One layer's cache under a policy. Extra state: ``positions`` (B, Hkv, slots) absolute token index of
+    every slot, ``attention`` (B, Hkv, slots) accumulated attention (policies that need it), ``free``
+    (B, Hkv, 1) the evicted slot the next one-token step overwrites (None while every slot is kept)."""
 
     is_croppable = False
 
-    def __init__(self, policy: KVPolicy, budget: _SharedBudget, score_method: str = "chunked"):
+    def __init__(self, policy: KVPolicy, budget: _SharedBudget, score_method: str = "chunked",
+                 inv_freq: torch.Tensor | None = None):
         super().__init__()
         self.policy, self.budget, self.score_method = policy, budget, score_method
+        self.inv_freq = inv_freq  # RoPE frequencies: rank positions (None: absolute)
         self._reset_state()
 
     def _reset_state(self) -> None:
         self.seen = 0
         self.positions: torch.Tensor | None = None
         self.attention: torch.Tensor | None = None
-        self.step: tuple[int, int] | None = None  # (kept before this step, new tokens) until finish()
+        self.free: torch.Tensor | None = None
+        self.step: int | None = None  # slots kept before this step, until finish()
         self.max_kept = 0
         self.max_bytes = 0
         self.evicted = 0
@@ -70,7 +86,17 @@ class PolicyLayer(DynamicLayer):
 
     @property
     def kept(self) -> int:
-        return 0 if self.keys is None or self.keys.dim() < 3 else self.keys.shape[-2]
+        """Tokens held (the scratch slot of an evicted token does not count)."""
+        if self.keys is None or self.keys.dim() < 3:
+            return 0
+        return self.keys.shape[-2] - (self.free is not None)
+
+    def token_order(self) -> torch.Tensor:
+        """(B, Hkv, kept) slot indices of the kept tokens, oldest first."""
+        pos = self.positions
+        if self.free is not None:
+            pos = pos.scatter(-1, self.free, torch.iinfo(pos.dtype).max)
+        return pos.argsort(dim=-1)[..., :self.kept]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if self.step is not None:
@@ -80,57 +106,84 @@ class PolicyLayer(DynamicLayer):
                 "cache with sinklora.hf.cache.make_cache(model, ...) or call prepare_model(model) first")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        past, n_new = self.kept, key_states.shape[-2]
-        split = self.budget.resolve(self.seen + n_new)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        if split is not None:  # evicting policy: track positions, hand the step to the attention function
-            b, h = key_states.shape[:2]
-            new_pos = torch.arange(self.seen, self.seen + n_new, device=key_states.device).expand(b, h, n_new)
-            self.positions = new_pos if self.positions is None else torch.cat([self.positions, new_pos], dim=-1)
-            self.step = (past, n_new)
-            _pending.layer = self
-        self.seen += n_new
-        if split is None:
+        n_new = key_states.shape[-2]
+        if self.budget.resolve(self.seen + n_new) is None:  # policy 'full': DynamicLayer's append
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+            self.seen += n_new
             self._track()
+            return self.keys, self.values
+        b, h = key_states.shape[:2]
+        new_pos = torch.arange(self.seen, self.seen + n_new, device=key_states.device).repeat(b, h, 1)
+        self.step = self.kept
+        if self.free is not None and n_new == 1:  # the new token takes the evicted token's slot
+            slot = self.free
+            rows = slot.unsqueeze(-1).expand(-1, -1, -1, key_states.shape[-1])
+            self.keys.scatter_(2, rows, key_states)
+            self.values.scatter_(2, rows, value_states)
+            self.positions.scatter_(2, slot, new_pos)
+            if self.attention is not None:
+                self.attention.scatter_(2, slot, 0.0)
+            self.free = None
+        else:
+            if self.free is not None:  # drop the scratch slot, then append in token order
+                n = self.keys.shape[-2]
+                slots = torch.arange(n - 1, device=self.free.device).expand(b, h, n - 1)
+                self._select(torch.where(slots < self.free, slots, slots + 1))
+                self.free = None
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+            self.positions = new_pos if self.positions is None else torch.cat([self.positions, new_pos], dim=-1)
+            if self.policy.needs_attention:
+                zeros = torch.zeros(b, h, n_new, dtype=torch.float32, device=key_states.device)
+                self.attention = zeros if self.attention is None else torch.cat([self.attention, zeros], dim=-1)
+        self.seen += n_new
+        _pending.layer = self
         return self.keys, self.values
 
-    def finish(self, query: torch.Tensor, scaling: float) -> None:
-        """After this step's attention: accumulate scores (if needed) and evict down to the budget."""
-        (past, n_new), self.step = self.step, None
+    def attended_keys(self) -> torch.Tensor:
+        """The keys this step attends to: as cached, or re-rotated to rank positions (``inv_freq`` set).
+
+        A kept key at absolute position p and rank r (kept tokens before it) must sit at distance
+        ``r_q - r`` from the query instead of ``P - p``: it turns forward by ``(P - r_q) - (p - r)``, the
+        number of tokens evicted after it. New tokens (and every token before the first eviction) turn by 0."""
+        n = self.keys.shape[-2]
+        if self.inv_freq is None or self.seen == n:
+            return self.keys
+        pos = self.positions
+        rank = torch.empty_like(pos).scatter_(-1, pos.argsort(dim=-1), torch.arange(n, device=pos.device).expand_as(pos))
+        turn = (self.seen - n) - (pos - rank)  # (B, Hkv, n) tokens evicted after each key
+        angle = turn.unsqueeze(-1).float() * self.inv_freq.to(pos.device)  # (B, Hkv, n, D/2)
+        cos, sin = (torch.cat([f, f], dim=-1).to(self.keys.dtype) for f in (angle.cos(), angle.sin()))
+        half = self.keys.shape[-1] // 2
+        rotated_half = torch.cat([-self.keys[..., half:], self.keys[..., :half]], dim=-1)  # RoPE's rotate_half
+        return self.keys * cos + rotated_half * sin
+
+    def finish(self, query: torch.Tensor, key: torch.Tensor, scaling: float, probs: torch.Tensor | None = None) -> None:
+        """After this step's attention over ``key``: add its scores (if the policy needs them) and evict down
+        to the budget. ``probs``: this step's (B, Hkv, slots) attention column sums, if the attention computed them."""
+        past, self.step = self.step, None
         if self.policy.needs_attention:
-            step_scores = accumulated_attention(query, self.keys, scaling=scaling, past=past, method=self.score_method)
-            if self.attention is None:
-                self.attention = step_scores
-            else:
-                pad = step_scores.new_zeros(*step_scores.shape[:2], n_new)
-                self.attention = torch.cat([self.attention, pad], dim=-1) + step_scores
-        state = SlotState(self.keys, self.values, self.positions, self.attention)
+            window = self.policy.score_window
+            if probs is None and window is not None and query.shape[-2] > window:  # only the last queries count
+                past, query = past + query.shape[-2] - window, query[:, :, -window:]
+            if probs is None:
+                probs = accumulated_attention(query, key, scaling=scaling, past=past, method=self.score_method)
+            self.attention += probs
         split = self.budget.split
-        assert split is not None
-        keep = self.policy.keep_indices(state, split)
-        if keep is not None:
-            self.evicted += self.kept - keep.shape[-1]
-            self._select(keep)
+        state = SlotState(self.keys, self.values, self.positions, self.seen, self.attention)
+        over = self.kept - split.total
+        if over == 1:
+            self.free = self.policy.evict_slot(state, split)
+        elif over > 1:
+            self._select(self.policy.keep_indices(state, split))
+        self.evicted += max(over, 0)
         self._track()
 
     def _select(self, keep: torch.Tensor) -> None:
-        if keep.dim() == 1 and self.budget.split.sinks == 0 and type(self.policy).keep_indices is KVPolicy.keep_indices:
-            # recent tokens only: one contiguous range, a view (no copy; the next cat copies anyway)
-            n = keep.numel()
-            self.keys, self.values = self.keys[:, :, -n:], self.values[:, :, -n:]
-            self.positions = self.positions[:, :, -n:]
-            if self.attention is not None:
-                self.attention = self.attention[:, :, -n:]
-            return
-        if keep.dim() == 1:  # the same slots for every row and head
-            self.keys, self.values = self.keys[:, :, keep], self.values[:, :, keep]
-            self.positions = self.positions[:, :, keep]
-            if self.attention is not None:
-                self.attention = self.attention[:, :, keep]
-            return
-        idx = keep.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])  # (B, Hkv, n_keep, D)
-        self.keys, self.values = self.keys.gather(2, idx), self.values.gather(2, idx)
+        """Keep the slots ``keep`` (B, Hkv, n) of every per-slot tensor, in that order."""
+        rows = keep.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
+        self.keys, self.values = self.keys.gather(2, rows), self.values.gather(2, rows)
         self.positions = self.positions.gather(2, keep)
         if self.attention is not None:
             self.attention = self.attention.gather(2, keep)
@@ -153,7 +206,7 @@ class PolicyLayer(DynamicLayer):
                                   "assisted decoding needs policy 'full'")
 
     def _apply_batch(self, fn) -> None:
-        for name in ("keys", "values", "positions", "attention"):
+        for name in ("keys", "values", "positions", "attention", "free"):
             t = getattr(self, name)
             if t is not None and t.numel():
                 setattr(self, name, fn(t))
@@ -186,12 +239,14 @@ class _SharedBudget:
 class PolicyCache(Cache):
     """A ``Cache`` whose layers keep tokens by ``policy`` (see :mod:`sinklora.cache.policies`)."""
 
-    def __init__(self, policy: KVPolicy, num_layers: int, *, score_method: str = "chunked"):
+    def __init__(self, policy: KVPolicy, num_layers: int, *, score_method: str = "chunked",
+                 inv_freq: torch.Tensor | None = None):
         if score_method not in METHODS:
             raise ValueError(f"score_method={score_method!r}: choose one of {', '.join(map(repr, METHODS))}")
         self.policy = policy
+        self.positions = "absolute" if inv_freq is None else "rank"
         self._budget = _SharedBudget(policy)
-        super().__init__(layers=[PolicyLayer(policy, self._budget, score_method) for _ in range(num_layers)])
+        super().__init__(layers=[PolicyLayer(policy, self._budget, score_method, inv_freq) for _ in range(num_layers)])
 
     @property
     def split(self) -> Split | None:
@@ -205,6 +260,7 @@ class PolicyCache(Cache):
         return {
             "policy": self.policy.name,
             "budget": self.policy.budget,
+            "positions": self.positions,
             "split": None if split is None else {"sinks": split.sinks, "heavy": split.heavy, "recent": split.recent},
             "seen_tokens": layers[0].seen if layers else 0,
             "kept_tokens": max((layer.kept for layer in layers), default=0),
@@ -237,14 +293,35 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
     layer = getattr(_pending, "layer", None)
     if layer is not None and layer.keys is not key:
         layer = None  # not this cache's keys (another model or a nested call): plain SDPA
-    if layer is not None:
-        _pending.layer = None
-        check_no_padding(attention_mask, layer.policy)
+    if layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    _pending.layer = None
+    check_no_padding(attention_mask, layer.policy)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    key = layer.attended_keys()
+    if layer.policy.needs_attention and query.shape[-2] == 1 and not (module.training and dropout):
+        out, probs = _one_query_attention(query, key, value, scaling)  # every slot is in the query's past
+        layer.finish(query, key, scaling, probs)
+        return out, None
     out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, **kwargs)
-    if layer is not None:
-        layer.finish(query, scaling if scaling is not None else query.shape[-1] ** -0.5)
+    layer.finish(query, key, scaling)
     return out, weights
+
+
+def _one_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per head over every slot, GQA without repeating keys: the output as transformers' SDPA
+    returns it, (B, 1, Hq, D), and the probabilities summed over each KV head's query group, (B, Hkv, S)."""
+    b, hq, _, d = query.shape
+    hkv = key.shape[1]
+    q = query.reshape(b, hkv, hq // hkv, d)  # query head j * G + g reads KV head j (repeat_kv's layout)
+    if query.dtype != torch.float32:  # logits and softmax in fp32, as the fused kernels do
+        q, key = q.float(), key.float()
+    probs = (q @ key.transpose(-1, -2) * scaling).softmax(dim=-1)  # (B, Hkv, G, S)
+    out = probs.to(value.dtype) @ value  # (B, Hkv, G, D)
+    return out.reshape(b, 1, hq, d), probs.sum(dim=2)
 
 
 def register() -> str:
@@ -273,19 +350,52 @@ def num_cache_layers(model: Any) -> int:
 
 
 def make_cache(model: Any, policy: str | KVPolicy = "full", budget: int | float | str | None = None, *,
-               sinks: int | None = None, heavy_ratio: float | None = None, score_method: str = "chunked") -> PolicyCache:
+               sinks: int | None = None, heavy_ratio: float | None = None, score_method: str = "chunked",
+               positions: str = "absolute") -> PolicyCache:
     """A fresh cache for one ``generate`` call (or one conversation) under ``policy``.
 
-    ``policy``: a :class:`KVPolicy` or a name ('full', 'local', 'sink', 'h2o'; then ``budget``, ``sinks``
+    ``policy``: a :class:`KVPolicy` or a name ('full', 'local', 'sink', 'h2o', 'snapkv'; then ``budget``, ``sinks``
     and ``heavy_ratio`` build it). Evicting policies switch the model's attention to ``ATTENTION_NAME``.
+    ``positions``: 'absolute' (RoPE positions of the full sequence) or 'rank' (positions within the cache,
+    StreamingLLM; see the module docstring).
     """
     if isinstance(policy, str):
         policy = make_policy(policy, budget, sinks=sinks, heavy_ratio=heavy_ratio)
     elif budget is not None or sinks is not None or heavy_ratio is not None:
         raise ValueError("make_cache: give budget/sinks/heavy_ratio with a policy name, not with a KVPolicy instance")
+    if positions not in ("absolute", "rank"):
+        raise ValueError(f"positions={positions!r}: choose 'absolute' (default) or 'rank' (StreamingLLM's positions "
+                         "within the cache)")
+    inv_freq = None
+    if positions == "rank":
+        if policy.name == "full":
+            raise ValueError("positions='rank' re-rotates keys after evictions; policy 'full' never evicts: drop it")
+        inv_freq = rope_frequencies(model)
     if policy.name != "full":
         prepare_model(model)
-    return PolicyCache(policy, num_cache_layers(model), score_method=score_method)
+    return PolicyCache(policy, num_cache_layers(model), score_method=score_method, inv_freq=inv_freq)
+
+
+ROTATION_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_frequencies(model: Any) -> torch.Tensor:
+    """The model's RoPE inverse frequencies, for re-rotating cached keys. Only RoPE types whose rotations
+    compose exactly (a turn by a then b equals a turn by a + b, no cos/sin scaling) are accepted."""
+    rope = next((m for m in model.modules() if hasattr(m, "inv_freq") and hasattr(m, "rope_type")), None)
+    if rope is None:
+        raise ValueError(f"positions='rank': found no rotary embedding (a module with inv_freq and rope_type) in "
+                         f"{type(model).__name__}; use positions='absolute'")
+    scaling = float(getattr(rope, "attention_scaling", 1.0))
+    if rope.rope_type not in ROTATION_ROPE_TYPES or scaling != 1.0:
+        raise ValueError(f"positions='rank': RoPE type {rope.rope_type!r} (attention scaling {scaling}) cannot be "
+                         f"re-rotated exactly; supported: {', '.join(ROTATION_ROPE_TYPES)}. Use positions='absolute'")
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if 2 * rope.inv_freq.numel() != head_dim:
+        raise ValueError(f"positions='rank': RoPE rotates {2 * rope.inv_freq.numel()} of {head_dim} head dimensions "
+                         "(partial rotary); re-rotation supports full rotary only. Use positions='absolute'")
+    return rope.inv_freq.detach().float()
 
 
 def cache_kwargs(cache: Cache) -> dict[str, Cache]:

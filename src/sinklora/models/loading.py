@@ -246,7 +246,7 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Any:
 
 
 def load_config(name_or_path: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
-                context_len: int | None = None) -> Any:
+                context_len: int | None = None, original_len: int | None = None) -> Any:
     """The model config, checked, with an adapter's RoPE record and/or a context extension applied."""
     from transformers import AutoConfig
 
@@ -255,7 +255,7 @@ def load_config(name_or_path: str | os.PathLike, *, adapter: str | os.PathLike |
     if adapter is not None and (record := rope.load_context_record(adapter)) is not None:
         rope.apply_context_record(config, record)
     if context_len is not None:
-        rope.extend_context(config, context_len)
+        rope.extend_context(config, context_len, original_len=original_len)
     return config
 
 
@@ -267,6 +267,7 @@ def load_model(
     device: Any = None,
     attn_implementation: str = "sdpa",
     context_len: int | None = None,
+    original_len: int | None = None,
     is_trainable: bool = False,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)``.
@@ -274,7 +275,8 @@ def load_model(
     ``dtype``: None/'auto' (as stored), a torch.dtype or 'float32'/'bfloat16'/'float16'.
     ``adapter``: a peft adapter folder (e.g. saved by :func:`sinklora.models.lora.save_adapter`); the RoPE
     settings it was trained with (``sinklora_context.json``) are applied to the base config first.
-    ``context_len``: extend the context by linear position interpolation (:func:`rope.extend_context`).
+    ``context_len``: extend the context by linear position interpolation (:func:`rope.extend_context`),
+    from ``original_len`` tokens (default: the config's pretraining length).
     ``is_trainable``: load the adapter for further training (otherwise inference mode).
     """
     from transformers import AutoModelForCausalLM
@@ -282,7 +284,7 @@ def load_model(
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise ValueError(f"adapter={str(adapter)!r}: no adapter_config.json there; give a peft adapter folder")
     path = resolve_model(name_or_path)
-    config = load_config(path, adapter=adapter, context_len=context_len)
+    config = load_config(path, adapter=adapter, context_len=context_len, original_len=original_len)
     logger.info("loading %s", path)
     model = AutoModelForCausalLM.from_pretrained(
         path, config=config, dtype=as_dtype(dtype), attn_implementation=attn_implementation

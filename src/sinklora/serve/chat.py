@@ -38,10 +38,12 @@ class SessionOptions:
     device: str = option("auto", "torch device (cpu, cuda, cuda:1); auto = cuda when available, else cpu")
     system_prompt: str = option(DEFAULT_SYSTEM_PROMPT, "system message; empty for none")
     context: str | None = option(None, "text file (a long document) put before the first question")
-    cache: Literal["full", "local", "sink", "h2o"] = option("full", "KV-cache policy (method.md section 3)")
+    cache: Literal["full", "local", "sink", "h2o", "snapkv"] = option("full", "KV-cache policy (method.md section 3)")
     budget: str | None = option(None, "KV budget: tokens (512) or a ratio of the first prompt (0.2, 20%)")
-    sinks: int | None = option(None, "sink tokens always kept (default: 4 for sink, 0 for h2o)")
-    heavy_ratio: float | None = option(None, "h2o: share of the non-sink budget for heavy hitters (default 0.5)")
+    sinks: int | None = option(None, "sink tokens always kept (default: 4 for sink, 0 for h2o/snapkv)")
+    heavy_ratio: float | None = option(None, "h2o/snapkv: share of the non-sink budget for heavy hitters (default 0.5)")
+    positions: Literal["absolute", "rank"] = option("absolute", "RoPE positions of kept tokens: absolute, or rank "
+                                                    "within the cache (StreamingLLM: streams past the trained length)")
     max_new_tokens: int = option(256, "most tokens per reply")
     temperature: float = option(0.0, "0 = greedy; > 0 samples")
     top_p: float = option(1.0, "nucleus sampling mass (with temperature > 0)")
@@ -63,6 +65,8 @@ class SessionOptions:
             make_policy(self.cache, self.budget, sinks=self.sinks, heavy_ratio=self.heavy_ratio)
         except ValueError as e:
             errors.append(f"cache={self.cache!r}: {e}")
+        if self.positions == "rank" and self.cache == "full":
+            errors.append("positions='rank' needs an evicting cache (sink, local or h2o); cache='full' never evicts")
         return errors
 
 
@@ -110,7 +114,7 @@ class ChatSession:
             self.messages.append({"role": "system", "content": self.opts.system_prompt})
         self.ids: list[int] = []  # every token the cache has seen
         self.cache = make_cache(self.model, self.opts.cache, self.opts.budget, sinks=self.opts.sinks,
-                                heavy_ratio=self.opts.heavy_ratio)
+                                heavy_ratio=self.opts.heavy_ratio, positions=self.opts.positions)
         self.last: dict[str, Any] = {}
 
     def _user_content(self, text: str) -> str:
@@ -215,7 +219,7 @@ def load_session(opts: SessionOptions) -> ChatSession:
 def format_stats(stats: dict[str, Any]) -> str:
     c, last = stats["cache"], stats["last_reply"]
     split = c["split"]
-    lines = [f"cache: {c['policy']}" + (f" budget={c['budget']} split={split}" if split else ""),
+    lines = [f"cache: {c['policy']}" + (f" budget={c['budget']} split={split} positions={c['positions']}" if split else ""),
              f"  tokens seen {c['seen_tokens']}, kept {c['kept_tokens']} (max {c['max_kept_tokens']}), "
              f"evicted {c['evicted_tokens']} (summed over layers)",
              f"  KV memory {c['kv_bytes'] / 2**20:.2f} MiB (max after a step {c['max_kv_bytes'] / 2**20:.2f} MiB)"]

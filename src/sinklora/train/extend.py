@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,11 +82,10 @@ class ExtendConfig:
                 errors.append(f"{name}={value}: must be at least 2 tokens")
         if self.resume and self.overwrite:
             errors.append("resume=true and overwrite=true: choose one")
-        from sinklora.data.corpora import known_sources
+        from sinklora.data.corpora import known_sources, source_path
 
         if self.data not in known_sources() and not self.data.startswith("hf:"):
-            path = Path(self.data) if Path(self.data).exists() else Path(self.data.rsplit(":", 1)[0])  # file.jsonl:field
-            if not path.exists():
+            if not source_path(self.data)[0].exists():
                 errors.append(f"data={self.data!r}: not a known corpus ({', '.join(known_sources())}) nor an "
                               "existing folder/.json/.jsonl file; give one of those or hf:NAME")
         return errors
