@@ -59,7 +59,7 @@ stage prepare 60 $PY -m sinklora.cli model prepare
 stage compare 330 $PY -m sinklora.cli compare --config configs/compare-smollm2-16k.yaml \
     output_dir="$WORK/compare" train.max_steps="${COMPARE_STEPS:-60}" train.warmup_steps=5 train.save_steps=1000 \
     eval.docs=2 eval.passkey_trials=1
-stage cache 90 $PY bench/bench_cache.py --device cuda --budgets 0.2 0.1 --passkey-lengths 4096 \
+stage cache 120 $PY bench/bench_cache.py --device cuda --budgets 0.2 0.1 --passkey-lengths 4096 \
     --passkey-depths 0.25 0.5 0.75 --passkey-trials 1 --out "$WORK/cache"
-stage train_smollm2 100 $PY bench/bench_train.py --model smollm2-135m-instruct --lengths 16384 32768 \
+stage train_smollm2 70 $PY bench/bench_train.py --model smollm2-135m-instruct --lengths 16384 32768 \
     --repeats 2 --out "$WORK/train_smollm2.json"

@@ -11,7 +11,8 @@ from sinklora.cache.policies import SlotState, Split, make_policy, parse_budget
 from sinklora.cache.scores import accumulated_attention, dense_accumulated_attention
 from sinklora.hf.cache import PolicyCache, cache_kwargs, make_cache
 
-EVICTING = [("local", {}), ("sink", {}), ("h2o", {}), ("h2o", {"sinks": 2}), ("h2o", {"heavy_ratio": 0.25}), ("snapkv", {})]
+EVICTING = [("local", {}), ("sink", {}), ("h2o", {}), ("h2o", {"sinks": 2}), ("h2o", {"heavy_ratio": 0.25}),
+            ("snapkv", {})]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,8 @@ def test_h2o_decoding_evicts_the_lowest_accumulated_attention():
             split = cache.split
             for layer, (free_before, seen_before) in zip(cache.layers, before):
                 if free_before is not None:
-                    assert (layer.positions.gather(-1, free_before) == seen_before).all(), "the new token went elsewhere"
+                    new_slot = layer.positions.gather(-1, free_before)
+                    assert (new_slot == seen_before).all(), "the new token went elsewhere"
                 free, pos, score = layer.free, layer.positions, layer.attention
                 assert free is not None and layer.kept == split.total
                 freed_pos = pos.gather(-1, free)

@@ -25,7 +25,7 @@ floor(heavy_ratio * rest)`` heavy hitters and ``W = rest - K`` recent tokens (H2
 | ``local`` | 0 | 0 | budget | - (H2O's "Local" baseline) |
 | ``sink`` | 4 | 0 | budget - S | - (StreamingLLM) |
 | ``h2o`` | 0 (optional) | half | half | attention accumulated over every query that saw the key |
-| ``snapkv`` | 0 (optional) | half | half | as h2o, but a step of several tokens only counts its last 32 queries, max-pooled over 7 neighbouring tokens |
+| ``snapkv`` | 0 (optional) | half | half | as h2o, but a multi-token step counts its last 32 queries; pooled |
 
 ``snapkv`` (SnapKV's observation window and pooling) scores the prompt by what its end (the question)
 attends to, not by what the whole prompt attended to (H2O's sums favour early tokens, which every later
@@ -233,7 +233,8 @@ class SnapKVPolicy(H2OPolicy):
         return torch.empty_like(pooled).scatter_(-1, order, pooled)
 
 
-POLICIES: dict[str, type[KVPolicy]] = {p.name: p for p in (FullPolicy, LocalPolicy, SinkPolicy, H2OPolicy, SnapKVPolicy)}
+POLICIES: dict[str, type[KVPolicy]] = {
+    p.name: p for p in (FullPolicy, LocalPolicy, SinkPolicy, H2OPolicy, SnapKVPolicy)}
 
 
 def make_policy(name: str, budget: int | float | str | None = None, *, sinks: int | None = None,

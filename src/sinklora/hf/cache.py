@@ -151,7 +151,8 @@ class PolicyLayer(DynamicLayer):
         if self.inv_freq is None or self.seen == n:
             return self.keys
         pos = self.positions
-        rank = torch.empty_like(pos).scatter_(-1, pos.argsort(dim=-1), torch.arange(n, device=pos.device).expand_as(pos))
+        slots = torch.arange(n, device=pos.device).expand_as(pos)
+        rank = torch.empty_like(pos).scatter_(-1, pos.argsort(dim=-1), slots)  # kept tokens older than each slot
         turn = (self.seen - n) - (pos - rank)  # (B, Hkv, n) tokens evicted after each key
         angle = turn.unsqueeze(-1).float() * self.inv_freq.to(pos.device)  # (B, Hkv, n, D/2)
         cos, sin = (torch.cat([f, f], dim=-1).to(self.keys.dtype) for f in (angle.cos(), angle.sin()))
