@@ -104,12 +104,9 @@ class PolicyLayer(DynamicLayer):
                 f"cache policy {self.policy.name!r}: the previous forward step never reached the cache's attention "
                 f"function, so nothing was evicted. The model must use attention {ATTENTION_NAME!r}: build the "
                 "cache with sinklora.hf.cache.make_cache(model, ...) or call prepare_model(model) first")
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
         n_new = key_states.shape[-2]
         if self.budget.resolve(self.seen + n_new) is None:  # policy 'full': DynamicLayer's append
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
+            super().update(key_states, value_states)
             self.seen += n_new
             self._track()
             return self.keys, self.values
@@ -131,8 +128,7 @@ class PolicyLayer(DynamicLayer):
                 slots = torch.arange(n - 1, device=self.free.device).expand(b, h, n - 1)
                 self._select(torch.where(slots < self.free, slots, slots + 1))
                 self.free = None
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
+            super().update(key_states, value_states)  # append (initialises on the first step)
             self.positions = new_pos if self.positions is None else torch.cat([self.positions, new_pos], dim=-1)
             if self.policy.needs_attention:
                 zeros = torch.zeros(b, h, n_new, dtype=torch.float32, device=key_states.device)
@@ -364,17 +360,21 @@ def make_cache(model: Any, policy: str | KVPolicy = "full", budget: int | float 
         policy = make_policy(policy, budget, sinks=sinks, heavy_ratio=heavy_ratio)
     elif budget is not None or sinks is not None or heavy_ratio is not None:
         raise ValueError("make_cache: give budget/sinks/heavy_ratio with a policy name, not with a KVPolicy instance")
-    if positions not in ("absolute", "rank"):
-        raise ValueError(f"positions={positions!r}: choose 'absolute' (default) or 'rank' (StreamingLLM's positions "
-                         "within the cache)")
-    inv_freq = None
-    if positions == "rank":
-        if policy.name == "full":
-            raise ValueError("positions='rank' re-rotates keys after evictions; policy 'full' never evicts: drop it")
-        inv_freq = rope_frequencies(model)
+    check_positions(positions, policy.name)
+    inv_freq = rope_frequencies(model) if positions == "rank" else None
     if policy.name != "full":
         prepare_model(model)
     return PolicyCache(policy, num_cache_layers(model), score_method=score_method, inv_freq=inv_freq)
+
+
+def check_positions(positions: str, policy: str) -> None:
+    """Refuse an unknown ``positions`` mode, or rank positions for a cache that never evicts."""
+    if positions not in ("absolute", "rank"):
+        raise ValueError(f"positions={positions!r}: choose 'absolute' (default) or 'rank' (StreamingLLM's positions "
+                         "within the cache)")
+    if positions == "rank" and policy == "full":
+        raise ValueError("positions='rank' re-rotates keys after evictions; policy 'full' never evicts: drop it, "
+                         "or pick policy 'sink', 'local', 'h2o' or 'snapkv'")
 
 
 ROTATION_ROPE_TYPES = ("default", "linear", "llama3")

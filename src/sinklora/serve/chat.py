@@ -51,6 +51,7 @@ class SessionOptions:
 
     def validate(self) -> list[str]:
         from sinklora.cache.policies import make_policy
+        from sinklora.hf.cache import check_positions
 
         errors = []
         if self.context is not None and not Path(self.context).is_file():
@@ -65,8 +66,10 @@ class SessionOptions:
             make_policy(self.cache, self.budget, sinks=self.sinks, heavy_ratio=self.heavy_ratio)
         except ValueError as e:
             errors.append(f"cache={self.cache!r}: {e}")
-        if self.positions == "rank" and self.cache == "full":
-            errors.append("positions='rank' needs an evicting cache (sink, local or h2o); cache='full' never evicts")
+        try:
+            check_positions(self.positions, self.cache)
+        except ValueError as e:
+            errors.append(f"positions={self.positions!r} with cache={self.cache!r}: {e}")
         return errors
 
 
@@ -219,7 +222,8 @@ def load_session(opts: SessionOptions) -> ChatSession:
 def format_stats(stats: dict[str, Any]) -> str:
     c, last = stats["cache"], stats["last_reply"]
     split = c["split"]
-    lines = [f"cache: {c['policy']}" + (f" budget={c['budget']} split={split} positions={c['positions']}" if split else ""),
+    policy = f" budget={c['budget']} split={split} positions={c['positions']}" if split else ""
+    lines = [f"cache: {c['policy']}{policy}",
              f"  tokens seen {c['seen_tokens']}, kept {c['kept_tokens']} (max {c['max_kept_tokens']}), "
              f"evicted {c['evicted_tokens']} (summed over layers)",
              f"  KV memory {c['kv_bytes'] / 2**20:.2f} MiB (max after a step {c['max_kv_bytes'] / 2**20:.2f} MiB)"]
