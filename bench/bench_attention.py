@@ -29,7 +29,7 @@ IMPLS = ("sdpa_causal", "sf", "s2", "dense_masked")
 def _op(impl: str, ratio: float):
     from sinklora.attention import sparse_attention
     from sinklora.attention.reference import dense_attention
-    from sinklora.attention.patterns import build_mask
+    from sinklora.attention import build_mask
 
     if impl == "sdpa_causal":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from sinklora.hf.cache import cache_kwargs, make_cache
+from sinklora.hf.attention import attach_cache
+from sinklora.hf.cache import make_cache
 
 logger = logging.getLogger("bench_cache")
 
@@ -64,7 +65,7 @@ def configs(args: argparse.Namespace) -> list[tuple[str, float | None]]:
 def build_cache(model, policy: str, budget: float | int | None, args: argparse.Namespace):
     sinks = args.h2o_sinks if policy == "h2o" else None
     positions = "absolute" if policy == "full" else args.positions
-    return make_cache(model, policy, budget, sinks=sinks, score_method=args.score_method, positions=positions)
+    return make_cache(model, policy, budget, sink_tokens=sinks, score_method=args.score_method, positions=positions)
 
 
 def _sync(device: torch.device) -> None:
@@ -80,8 +81,8 @@ def speed(model, ids: torch.Tensor, policy: str, budget: float | None, args) -> 
         cache = build_cache(model, policy, budget, args)
         _sync(device)
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model(input_ids=ids[None], logits_to_keep=1, **cache_kwargs(cache))
+        with torch.inference_mode(), attach_cache(model, cache) as cache_kw:
+            out = model(input_ids=ids[None], logits_to_keep=1, **cache_kw)
             token = out.logits[:, -1:].argmax(-1)
             _sync(device)
             t1 = time.perf_counter()
@@ -89,7 +90,7 @@ def speed(model, ids: torch.Tensor, policy: str, budget: float | None, args) -> 
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
             for _ in range(args.new_tokens):
-                out = model(input_ids=token, logits_to_keep=1, **cache_kwargs(cache))
+                out = model(input_ids=token, logits_to_keep=1, **cache_kw)
                 token = out.logits[:, -1:].argmax(-1)
             _sync(device)
             t2 = time.perf_counter()
@@ -109,11 +110,11 @@ def speed(model, ids: torch.Tensor, policy: str, budget: float | None, args) -> 
 def streaming_perplexity(model, ids: torch.Tensor, policy: str, budget: int | None, args) -> float:
     cache = build_cache(model, policy, budget, args)
     nll, count = 0.0, 0
-    with torch.inference_mode():
+    with torch.inference_mode(), attach_cache(model, cache) as cache_kw:
         for start in range(0, ids.numel() - 1, args.ppl_chunk):
             x = ids[start:start + args.ppl_chunk]
             target = ids[start + 1:start + 1 + x.numel()]
-            logits = model(input_ids=x[None], **cache_kwargs(cache)).logits[0, :target.numel()].float()
+            logits = model(input_ids=x[None], **cache_kw).logits[0, :target.numel()].float()
             nll += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
             count += target.numel()
     return float(torch.tensor(nll / count).exp())

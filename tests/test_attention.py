@@ -5,11 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sinklora.attention import build_mask, resolve_pattern, sparse_attention
+from sinklora.attention import Pattern, build_mask, sparse_attention
 from sinklora.attention.reference import dense_attention
 
 SPARSE = ("s2", "sf", "s2_roll")
 ALL = ("full",) + SPARSE
+
+# The pattern table: every row is checked against the dense oracle on every backend that can run it
+# (grouped on CPU; flex's mask_mod through eager FlexAttention on CPU; flex on CUDA). A new pattern is
+# one predicate in sinklora.attention.pattern.KINDS plus one row here.
+PATTERN_TABLE = [
+    ("full", {}),
+    ("s2", {}),
+    ("s2_roll", {}),
+    ("sf", {}),
+    ("sf", {"sink_tokens": 1}),
+    ("sf", {"shifted_head_fraction": 1.0}),
+    ("sf", {"shifted_head_fraction": 0.0}),
+    ("s2_roll", {"sink_tokens": 2}),
+]
+TABLE_IDS = [name + "".join(f"-{k}{v}" for k, v in p.items()) for name, p in PATTERN_TABLE]
 
 
 def _rows(text: str) -> torch.Tensor:
@@ -69,8 +84,8 @@ def test_mask_definitions_drawn_by_hand():
 @pytest.mark.parametrize("pattern", ALL)
 @pytest.mark.parametrize("n,g", [(16, 4), (17, 4), (23, 6), (9, 3)])
 def test_mask_properties(pattern, n, g):
-    h = 9
-    m = build_mask(pattern, n, h, group_size=g)
+    h, sinks = 9, {"sf": {"sink_tokens": 2}}.get(pattern, {})  # sinks must be fewer than a group's tokens
+    m = build_mask(pattern, n, h, group_size=g, **sinks)
     causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
     assert m.shape == (h, n, n) and m.dtype == torch.bool
     assert m.diagonal(dim1=1, dim2=2).all()  # every token sees itself
@@ -82,7 +97,7 @@ def test_mask_properties(pattern, n, g):
         shifted = torch.tensor([(m[i] != m[0]).any().item() for i in range(h)])
         assert shifted.sum() == 5 and not shifted[:4].any()  # heads 4..8 shifted for H = 9
         row_counts = m.sum(-1)
-        assert row_counts.max() <= g + (4 if pattern == "sf" else 0)
+        assert row_counts.max() <= g + sinks.get("sink_tokens", 0)
 
 
 @pytest.mark.parametrize("pattern", SPARSE)
@@ -101,7 +116,7 @@ def test_sf_sinks_and_shift_parameters():
     assert all(torch.equal(none_shifted[i], none_shifted[0]) for i in range(4))
     all_shifted = build_mask("sf", 32, 4, group_size=8, shifted_head_fraction=1.0)
     assert not torch.equal(all_shifted[0], none_shifted[0])
-    tiny = build_mask("sf", 3, 2, group_size=2, sink_tokens=4)  # seq_len < sink_tokens
+    tiny = build_mask("sf", 3, 2, group_size=5, sink_tokens=4)  # seq_len < sink_tokens
     assert torch.equal(tiny[0], torch.tril(torch.ones(3, 3, dtype=torch.bool)))
 
 
@@ -121,29 +136,56 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-SHAPES = [  # (B, Hq, Hkv, N, D, params)
+SHAPES = [  # (B, Hq, Hkv, N, D, group settings)
     (1, 4, 2, 64, 16, dict(group_ratio=0.25)),
     (2, 9, 3, 37, 8, dict(group_size=8)),  # SmolLM2 head layout, N not a multiple of G
     (2, 5, 5, 23, 8, dict(group_size=6)),  # odd head count, no GQA
-    (1, 3, 1, 30, 8, dict(group_size=7, shifted_head_fraction=1.0)),
-    (2, 4, 2, 3, 8, dict(group_size=2)),  # seq_len < sink_tokens
+    (1, 3, 1, 30, 8, dict(group_size=7)),
+    (2, 4, 2, 3, 8, dict(group_size=5)),  # seq_len < sink_tokens (one causal group)
     (1, 4, 4, 20, 8, dict(group_size=20)),  # group covers the sequence
-    (1, 4, 2, 33, 8, dict(group_size=9, sink_tokens=12)),  # more sinks than a group
 ]
 
 
-@pytest.mark.parametrize("pattern", ALL)
+@pytest.mark.parametrize("row", PATTERN_TABLE, ids=TABLE_IDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}H{s[1]}kv{s[2]}N{s[3]}")
-def test_grouped_backend_matches_dense_reference(pattern, shape):
-    B, Hq, Hkv, N, D, params = shape
-    if pattern in ("full", "s2") and "sink_tokens" in params:
-        pytest.skip("sink_tokens only applies to sf / s2_roll")
+def test_grouped_backend_matches_dense_reference(row, shape):
+    (name, params), (B, Hq, Hkv, N, D, groups) = row, shape
+    pattern = Pattern(name, **params, **groups)
     q, k, v = _qkv(B, Hq, Hkv, N, D)
-    mask = build_mask(pattern, N, Hq, **params)
+    mask = build_mask(pattern, N, Hq)
     ref = _out_and_grads(lambda *a: dense_attention(*a, mask), q, k, v)
-    got = _out_and_grads(lambda *a: sparse_attention(*a, pattern, backend="grouped", **params), q, k, v)
+    got = _out_and_grads(lambda *a: sparse_attention(*a, pattern, backend="grouped"), q, k, v)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
         assert _rel_err(a, b) < 1e-5, (name, _rel_err(a, b))
+
+
+def test_sinks_must_be_fewer_than_a_group_in_the_library_too():
+    with pytest.raises(ValueError, match="sink_tokens=12 >= group_size=9"):
+        Pattern("sf", group_size=9, sink_tokens=12)
+    q, k, v = _qkv(1, 4, 2, 40, 8)
+    with pytest.raises(ValueError, match=r"sink_tokens=4 >= group size 2 at 10 tokens"):
+        sparse_attention(q[:, :, :10], k[:, :, :10], v[:, :, :10], "sf", group_ratio=0.25)
+    assert Pattern("sf").problems_at(10) and not Pattern("sf").problems_at(40)  # what the CLI reports
+
+
+def test_pattern_keys_are_short_and_stable():
+    assert Pattern("sf").key == "sf" and Pattern("full").key == "full"
+    assert Pattern("sf", group_size=512, sink_tokens=8).key == "sf-g512-s8"
+    assert Pattern("s2", group_ratio=0.125, shifted_head_fraction=0.0).key == "s2-r0.125-f0"
+    assert Pattern("sf", sink_tokens=4) == Pattern("sf") and hash(Pattern("sf", sink_tokens=4)) == hash(Pattern("sf"))
+
+
+@pytest.mark.parametrize("row", PATTERN_TABLE, ids=TABLE_IDS)
+def test_a_slice_of_heads_resolves_like_the_whole_model(row):
+    """Sequence parallelism holds heads [offset, offset + h) of H: their masks are those heads' masks."""
+    name, params = row
+    pattern = Pattern(name, group_size=5, **params)
+    whole = build_mask(pattern, 23, 9)
+    from sinklora.attention.reference import spec_mask
+
+    for offset, h in ((0, 3), (3, 3), (6, 3), (4, 5)):
+        part = spec_mask(pattern.resolve(23, h, head_offset=offset, total_heads=9))
+        assert torch.equal(part, whole[offset:offset + h]), (offset, h)
 
 
 @pytest.mark.parametrize("pattern", ALL)
@@ -221,31 +263,31 @@ def test_bad_shapes():
     q, k, v = _qkv(1, 4, 2, 16, 8)
     with pytest.raises(ValueError, match="4-D"):
         sparse_attention(q[0], k[0], v[0], "sf")
-    with pytest.raises(ValueError, match="backend='flex' needs a CUDA tensor"):
-        sparse_attention(q, k, v, "sf", backend="flex")
+    with pytest.raises(ValueError, match="backend='flex' cannot run pattern 'sf' on cpu"):
+        sparse_attention(q, k, v, "sf", backend="flex", group_size=8)
     with pytest.raises(ValueError, match="key_padding_mask has shape"):
-        sparse_attention(q, k, v, "sf", key_padding_mask=torch.ones(1, 15, dtype=torch.bool))
+        sparse_attention(q, k, v, "sf", group_size=8, key_padding_mask=torch.ones(1, 15, dtype=torch.bool))
 
 
 def test_resolve_defaults():
-    spec = resolve_pattern("sf", 8192, 9)
+    spec = Pattern("sf").resolve(8192, 9)
     assert (spec.group_size, spec.sink_tokens, spec.first_shifted_head, spec.shift) == (2048, 4, 4, 1024)
-    assert resolve_pattern("s2", 100, 32).first_shifted_head == 16
+    assert Pattern("s2").resolve(100, 32).first_shifted_head == 16
 
 
 # ---- GPU: FlexAttention against the oracle ------------------------------------------------------
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pattern", ALL)
+@pytest.mark.parametrize("row", PATTERN_TABLE, ids=TABLE_IDS)
 @pytest.mark.parametrize("shape", [(2, 9, 3, 1000, 64)])  # few shapes: each one compiles kernels
-def test_flex_matches_reference_fp32(pattern, shape):
+def test_flex_matches_reference_fp32(row, shape):
     B, Hq, Hkv, N, D = shape
     q, k, v = _qkv(B, Hq, Hkv, N, D, device="cuda")
-    params = dict(group_ratio=0.25)
-    mask = build_mask(pattern, N, Hq, device="cuda", **params)
+    pattern = Pattern(row[0], group_ratio=0.25, **row[1])
+    mask = build_mask(pattern, N, Hq, device="cuda")
     ref = _out_and_grads(lambda *a: dense_attention(*a, mask), q, k, v)
-    got = _out_and_grads(lambda *a: sparse_attention(*a, pattern, backend="flex", **params), q, k, v)
+    got = _out_and_grads(lambda *a: sparse_attention(*a, pattern, backend="flex"), q, k, v)
     for a, b in zip(got, ref):
         assert _rel_err(a, b) < 1e-4  # TF32-free fp32 kernels; flex accumulates in a different order
 
@@ -298,41 +340,40 @@ def test_flex_padding_and_packing():
 def test_compiled_flex_padding_and_packing_on_cpu():
     """The same case as the GPU test above through the *compiled* path (inductor's CPU code): it matches
     the oracle, so the H100 error is specific to the Triton kernels (a few minutes of compiling)."""
-    from sinklora.attention import resolve_pattern
     from sinklora.attention.flex import flex_sparse_attention
 
     q, k, v = (t.detach() for t in _qkv(2, 9, 3, 700, 64, seed=4))
     kpm = torch.ones(2, 700, dtype=torch.bool)
     kpm[0, 500:] = False
-    spec = resolve_pattern("sf", 700, 9, group_size=64)
+    spec = Pattern("sf", group_size=64).resolve(700, 9)
     for extra in ({}, dict(key_padding_mask=kpm), dict(doc_lengths=(100, 250, 350))):
         ref = sparse_attention(q, k, v, "sf", backend="reference", group_size=64, **extra)
         assert _rel_err(flex_sparse_attention(q, k, v, spec, 64 ** -0.5, **extra), ref) < 1e-5, list(extra)
 
 
-@pytest.mark.parametrize("pattern", ALL)
-def test_flex_mask_mod_logic_on_cpu(pattern):
+@pytest.mark.parametrize("row", PATTERN_TABLE, ids=TABLE_IDS)
+def test_flex_mask_mod_logic_on_cpu(row):
     """The GPU path's mask_mod (padding and packing included), run through eager FlexAttention on CPU
     (forward only: Flex has no CPU backward), equals the oracle."""
     import warnings
 
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    from sinklora.attention import resolve_pattern
-    from sinklora.attention.flex import _mask_mod
+    from sinklora.attention.flex import mask_mod
 
+    name, params = row
+    pattern = Pattern(name, group_size=64, **params)
     B, Hq, Hkv, N, D = 2, 9, 3, 300, 16
     q, k, v = (t.detach() for t in _qkv(B, Hq, Hkv, N, D, seed=5))
-    spec = resolve_pattern(pattern, N, Hq, group_size=64)
+    spec = pattern.resolve(N, Hq)
     kpm = torch.ones(B, N, dtype=torch.bool)
     kpm[0, 250:] = False
-    lens = torch.tensor([100, 120, 80])
-    docs = dict(doc_ids=torch.repeat_interleave(torch.arange(3), lens), doc_start=torch.cumsum(lens, 0) - lens, doc_len=lens)
-    for extra, mod, batch in (({}, _mask_mod(spec), None), ({"key_padding_mask": kpm}, _mask_mod(spec, kpm), B),
-                              ({"doc_lengths": (100, 120, 80)}, _mask_mod(spec, **docs), None)):
+    docs = (100, 120, 80)
+    for extra, mod, batch in (({}, mask_mod(spec), None), ({"key_padding_mask": kpm}, mask_mod(spec, kpm), B),
+                              ({"doc_lengths": docs}, mask_mod(spec, doc_lengths=docs), None)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             block_mask = create_block_mask(mod, batch, Hq, N, N, device="cpu")
             got = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
-        ref = sparse_attention(q, k, v, pattern, backend="reference", group_size=64, **extra)
+        ref = sparse_attention(q, k, v, pattern, backend="reference", **extra)
         assert _rel_err(got, ref) < 1e-5, list(extra)

@@ -9,9 +9,10 @@ import torch
 from conftest import tiny_llama
 from sinklora.cache.policies import SlotState, Split, make_policy, parse_budget
 from sinklora.cache.scores import accumulated_attention, dense_accumulated_attention
+from sinklora.hf.attention import attach_cache
 from sinklora.hf.cache import PolicyCache, cache_kwargs, make_cache
 
-EVICTING = [("local", {}), ("sink", {}), ("h2o", {}), ("h2o", {"sinks": 2}), ("h2o", {"heavy_ratio": 0.25}),
+EVICTING = [("local", {}), ("sink", {}), ("h2o", {}), ("h2o", {"sink_tokens": 2}), ("h2o", {"heavy_ratio": 0.25}),
             ("snapkv", {})]
 
 
@@ -38,10 +39,14 @@ def _sharp(attn_implementation: str = "sdpa"):
 
 
 def _greedy(model, ids, cache=None, n=12):
-    extra = cache_kwargs(cache) if cache is not None else {}
-    with torch.inference_mode():
+    with torch.inference_mode(), attach_cache(model, cache) as cache_kw:
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                              pad_token_id=256, **extra)
+                              pad_token_id=256, **cache_kw)
+
+
+def _forward(model, ids, cache):
+    with torch.inference_mode(), attach_cache(model, cache) as cache_kw:
+        return model(ids, **cache_kw)
 
 
 @pytest.mark.parametrize("name", ["full", "local", "sink", "h2o", "snapkv"])
@@ -67,8 +72,8 @@ def test_budget_sinks_recent_and_slot_contents_hold_after_every_step(sharp, name
     seen = 0
     with torch.inference_mode():
         for step in range(12):
-            out = model(ids, **cache_kwargs(cache))
-            model(ids, **cache_kwargs(full))
+            out = _forward(model, ids, cache)
+            _forward(model, ids, full)
             seen += ids.shape[1]
             split = cache.split
             assert split.total == budget
@@ -76,7 +81,7 @@ def test_budget_sinks_recent_and_slot_contents_hold_after_every_step(sharp, name
                 assert layer.seen == seen and layer.kept == min(seen, budget)
                 pos = layer.positions.gather(-1, layer.token_order())  # (B, Hkv, kept), oldest first
                 assert (pos[..., 1:] > pos[..., :-1]).all() and (pos < seen).all(), "a token kept twice"
-                s = min(split.sinks, seen)
+                s = min(split.sink_tokens, seen)
                 assert torch.equal(pos[..., :s], torch.arange(s).expand_as(pos[..., :s])), "a sink was evicted"
                 w = min(split.recent, seen)
                 recent = torch.arange(seen - w, seen).expand_as(pos[..., pos.shape[-1] - w:])
@@ -96,13 +101,13 @@ def test_h2o_decoding_evicts_the_lowest_accumulated_attention():
     """One token at a time: the slot H2O frees is never protected and never scores above a kept
     heavy-hitter candidate, and the next token is written into exactly that slot."""
     model = _sharp()
-    cache = make_cache(model, "h2o", budget=10, sinks=2)
+    cache = make_cache(model, "h2o", budget=10, sink_tokens=2)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(8))
     with torch.inference_mode():
-        out = model(ids, **cache_kwargs(cache))
+        out = _forward(model, ids, cache)
         for _ in range(8):
             before = [(layer.free, layer.seen) for layer in cache.layers]
-            out = model(out.logits[:, -1:].argmax(-1), **cache_kwargs(cache))
+            out = _forward(model, out.logits[:, -1:].argmax(-1), cache)
             split = cache.split
             for layer, (free_before, seen_before) in zip(cache.layers, before):
                 if free_before is not None:
@@ -111,8 +116,8 @@ def test_h2o_decoding_evicts_the_lowest_accumulated_attention():
                 free, pos, score = layer.free, layer.positions, layer.attention
                 assert free is not None and layer.kept == split.total
                 freed_pos = pos.gather(-1, free)
-                assert (freed_pos >= split.sinks).all() and (freed_pos < layer.seen - split.recent).all()
-                middle = (pos >= split.sinks) & (pos < layer.seen - split.recent)
+                assert (freed_pos >= split.sink_tokens).all() and (freed_pos < layer.seen - split.recent).all()
+                middle = (pos >= split.sink_tokens) & (pos < layer.seen - split.recent)
                 middle.scatter_(-1, free, False)
                 lowest_kept = score.masked_fill(~middle, float("inf")).amin(dim=-1, keepdim=True)
                 assert (score.gather(-1, free) <= lowest_kept).all()
@@ -121,7 +126,7 @@ def test_h2o_decoding_evicts_the_lowest_accumulated_attention():
 def test_one_token_step_writes_into_each_heads_freed_slot():
     """Without a model: the prompt step leaves budget + 1 slots, each head frees its own lowest-scored
     middle slot, and the next token's key/value/position land exactly there (other slots untouched)."""
-    layer = PolicyCache(make_policy("h2o", 4, sinks=1), 1).layers[0]  # split of 5 tokens: 1 sink, 1 heavy, 2 recent
+    layer = PolicyCache(make_policy("h2o", 4, sink_tokens=1), 1).layers[0]  # split of 5 tokens: 1 sink, 1 heavy, 2 recent
     k = torch.randn(1, 2, 5, 3, generator=torch.Generator().manual_seed(10))
     layer.update(k, -k)
     layer.finish(None, None, 1.0, probs=torch.tensor([[[5.0, 1.0, 2.0, 0.0, 0.0], [5.0, 2.0, 1.0, 0.0, 0.0]]]))
@@ -136,7 +141,7 @@ def test_one_token_step_writes_into_each_heads_freed_slot():
 
 
 @pytest.mark.parametrize("positions", ["absolute", "rank"])
-@pytest.mark.parametrize("name,kw", [("sink", {}), ("local", {}), ("h2o", {"sinks": 1})])
+@pytest.mark.parametrize("name,kw", [("sink", {}), ("local", {}), ("h2o", {"sink_tokens": 1})])
 def test_one_layer_step_equals_a_fresh_pass_over_the_kept_tokens(name, kw, positions):
     """A one-layer model's keys and values depend only on each token and its position, so after any
     eviction the next logits must equal a fresh forward over just the kept tokens plus the new one: at
@@ -146,12 +151,12 @@ def test_one_layer_step_equals_a_fresh_pass_over_the_kept_tokens(name, kw, posit
     cache = make_cache(model, name, budget=9, positions=positions, **kw)
     tokens = torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(12)).tolist()
     with torch.inference_mode():
-        out = model(torch.tensor([tokens]), **cache_kwargs(cache))
+        out = _forward(model, torch.tensor([tokens]), cache)
         for _ in range(10):
             layer = cache.layers[0]
             kept = layer.positions[0, 0, layer.token_order()[0, 0]].tolist()
             tokens.append(int(out.logits[0, -1].argmax()))
-            out = model(torch.tensor([tokens[-1:]]), **cache_kwargs(cache))
+            out = _forward(model, torch.tensor([tokens[-1:]]), cache)
             ids = [tokens[p] for p in kept] + tokens[-1:]
             pos = kept + [len(tokens) - 1] if positions == "absolute" else list(range(len(ids)))
             causal = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()[None, None]  # gaps are not new documents
@@ -173,12 +178,12 @@ def test_rank_positions_need_a_composable_rope(model):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_query_attention_matches_sdpa_and_dense_scores(dtype):
-    from sinklora.hf.cache import _one_query_attention
+def testone_query_attention_matches_sdpa_and_dense_scores(dtype):
+    from sinklora.hf.cache import one_query_attention
 
     g = torch.Generator().manual_seed(9)
     q, k, v = (torch.randn(2, h, n, 16, generator=g).to(dtype) for h, n in ((6, 1), (2, 23), (2, 23)))
-    out, probs = _one_query_attention(q, k, v, 0.25)
+    out, probs = one_query_attention(q, k, v, 0.25)
     ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=0.25,
                                                            enable_gqa=True).transpose(1, 2)
     tol = 1e-6 if dtype == torch.float32 else 2e-2
@@ -195,15 +200,15 @@ def test_h2o_keeps_largest_accumulated_attention_of_the_prompt(name, window):
     n, budget, sinks = 40, 16, 2
     ids = torch.randint(0, 256, (2, n), generator=torch.Generator().manual_seed(3))
     model, eager = _sharp(), _sharp("eager")
-    policy = make_policy(name, budget, sinks=sinks)
+    policy = make_policy(name, budget, sink_tokens=sinks)
     if window is not None:
         policy.score_window, policy.pool = window, 1  # pooling makes ties: tested on its own below
     with torch.inference_mode():
         attn = eager(ids, output_attentions=True).attentions  # per layer (B, Hq, n, n)
         cache = make_cache(model, policy)
-        model(ids, **cache_kwargs(cache))
+        _forward(model, ids, cache)
     split = cache.split
-    assert split == Split(sinks=2, heavy=7, recent=7)
+    assert split == Split(sink_tokens=2, heavy=7, recent=7)
     for layer, probs in zip(cache.layers, attn):
         b, hq = probs.shape[:2]
         hkv = layer.keys.shape[1]
@@ -246,18 +251,18 @@ def test_accumulated_attention_matches_dense(method, past, n_new):
     ("sink", -5, {}, "at least 1"),
     ("h2o", 0, {}, "at least 1"),
     ("sink", 3, {}, "raise the budget"),
-    ("h2o", 4, {"sinks": 8}, "raise the budget"),
+    ("h2o", 4, {"sink_tokens": 8}, "raise the budget"),
     ("local", 0.0, {}, "(0, 1]"),
     ("h2o", 1.5, {}, "(0, 1]"),
     ("sink", -0.2, {}, "(0, 1]"),
     ("h2o", 0.2, {"heavy_ratio": 1.5}, "[0, 1]"),
-    ("local", 10, {"sinks": 4}, "policy 'sink'"),
+    ("local", 10, {"sink_tokens": 4}, "policy 'sink'"),
     ("sink", None, {}, "budget=512"),
     ("full", 10, {}, "drop the budget"),
     ("sink", "abc", {}, "token count"),
 ])
 def test_invalid_budgets_raise_with_the_fix(name, budget, kw, fix):
-    with pytest.raises(ValueError, match="budget|sinks|heavy_ratio") as err:
+    with pytest.raises(ValueError, match="budget|sink_tokens|heavy_ratio") as err:
         make_policy(name, budget, **kw)
     assert fix in str(err.value)
 
@@ -265,14 +270,14 @@ def test_invalid_budgets_raise_with_the_fix(name, budget, kw, fix):
 def test_ratio_budget_resolves_on_the_prompt():
     assert make_policy("h2o", 0.25).split(40) == Split(0, 5, 5)
     assert make_policy("sink", "50%").split(40) == Split(4, 0, 16)
-    with pytest.raises(ValueError, match="fewer than sinks"):
+    with pytest.raises(ValueError, match="fewer than sink_tokens"):
         make_policy("sink", 0.05).split(40)  # 2 tokens < 4 sinks
     assert parse_budget("512") == 512 and parse_budget("0.2") == 0.2 and parse_budget("1.0") == 1.0
     assert parse_budget(None) is None and parse_budget("") is None
 
 
 def test_ratio_budget_in_generation(model):
-    cache = make_cache(model, "sink", budget=0.5, sinks=2)
+    cache = make_cache(model, "sink", budget=0.5, sink_tokens=2)
     _greedy(model, torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(5)), cache, n=5)
     assert cache.split == Split(2, 0, 8) and cache.stats()["kept_tokens"] == 10
 
@@ -281,7 +286,7 @@ def test_keep_indices_without_model():
     keys = torch.zeros(1, 2, 10, 4)
     pos = torch.arange(10).expand(1, 2, 10)
     attention = torch.tensor([[[0, 0, 9, 1, 8, 0, 0, 0, 0, 0], [0, 0, 0, 7, 0, 6, 0, 0, 0, 0.]]])
-    policy = make_policy("h2o", 5, sinks=1, heavy_ratio=0.5)
+    policy = make_policy("h2o", 5, sink_tokens=1, heavy_ratio=0.5)
     state = SlotState(keys, keys, pos, 10, attention)
     assert policy.keep_indices(state, policy.split(10)).tolist() == [[[0, 2, 4, 8, 9], [0, 3, 5, 8, 9]]]
     local = make_policy("local", 3)
@@ -290,24 +295,26 @@ def test_keep_indices_without_model():
     shuffled = SlotState(keys[..., :6, :], keys[..., :6, :], torch.tensor([[[9, 0, 2, 8, 4, 3]] * 2]), 10,
                          torch.tensor([[[0, 0, 9, 0, 8, 1], [0, 0, 0, 0, 0, 7.]]]))
     assert policy.evict_slot(shuffled, policy.split(10)).tolist() == [[[5], [2]]]
-    assert make_policy("sink", 4, sinks=1).evict_slot(shuffled, Split(1, 0, 3)).tolist() == [[[2], [2]]]
+    assert make_policy("sink", 4, sink_tokens=1).evict_slot(shuffled, Split(1, 0, 3)).tolist() == [[[2], [2]]]
 
 
 def test_padded_batch_is_refused_and_full_accepts_it(model):
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(6))
     mask = torch.ones_like(ids)
     mask[1, 12:] = 0  # right padding
-    with pytest.raises(ValueError, match="padded batch"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=256,
-                       **cache_kwargs(make_cache(model, "h2o", budget=8)))
-    model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=256,
-                   **cache_kwargs(make_cache(model, "full")))
+    with pytest.raises(ValueError, match="padded batch"), attach_cache(model, make_cache(model, "h2o", budget=8)) as kw:
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=256, **kw)
+    full = make_cache(model, "full")
+    with attach_cache(model, full) as kw:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=256, **kw)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=256)
+    assert torch.equal(out, ref)
 
 
-def test_evicting_cache_needs_the_cache_attention():
-    plain = tiny_llama(seed=0)  # plain SDPA: the cache never sees its attention step
+def test_evicting_cache_needs_to_be_attached():
+    plain = tiny_llama(seed=0)  # not attached: the cache never sees its attention step
     cache = PolicyCache(make_policy("sink", 8), 2)
-    with pytest.raises(RuntimeError, match="make_cache"):
+    with pytest.raises(RuntimeError, match="attach_cache"):
         plain.generate(torch.randint(0, 256, (1, 12)), max_new_tokens=3, do_sample=False, pad_token_id=256,
                        **cache_kwargs(cache))
 
@@ -315,8 +322,51 @@ def test_evicting_cache_needs_the_cache_attention():
 def test_beam_search_reorders_policy_state(model):
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(7))
     cache = make_cache(model, "h2o", budget=10)
-    with torch.inference_mode():
-        model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=256, **cache_kwargs(cache))
+    with torch.inference_mode(), attach_cache(model, cache) as kw:
+        model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=256, **kw)
     layer = cache.layers[0]
     assert layer.keys.shape[0] == layer.positions.shape[0] == layer.attention.shape[0] == 3
     assert layer.kept == 10 and layer.free.shape[0] == 3
+
+
+def test_two_threads_generate_on_two_models_as_each_does_alone():
+    """A cache belongs to one request and its state lives on the model it is attached to: two model
+    instances with different policies decode at once exactly as each does alone (every step's logits);
+    two requests on one shared instance are refused with a clear error instead of mixing their caches."""
+    import threading
+
+    models = [_sharp(), _sharp()]
+    policies = [("h2o", {"budget": 10}), ("local", {"budget": 4})]
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(9))
+
+    def decode(i):
+        model, (name, kw) = models[i], policies[i]
+        with torch.inference_mode(), attach_cache(model, make_cache(model, name, **kw)) as cache_kw:
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                                 pad_token_id=256, output_scores=True, return_dict_in_generate=True, **cache_kw)
+        return torch.stack(out.scores)  # (steps, B, V)
+
+    alone = [decode(0), decode(1)]
+    assert not torch.allclose(alone[0], alone[1])
+    results, errors, start = {}, [], threading.Barrier(2)
+
+    def run(i):
+        try:
+            start.wait(timeout=10)
+            results[i] = decode(i)
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and all(torch.equal(results[i], alone[i]) for i in range(2))
+
+    shared = models[0]
+    with attach_cache(shared, make_cache(shared, "h2o", budget=10)):
+        with pytest.raises(RuntimeError, match="another KV cache"):
+            with attach_cache(shared, make_cache(shared, "local", budget=4)):
+                pass
+    assert torch.equal(decode(0), alone[0])  # the refused request left nothing behind

@@ -12,7 +12,10 @@ import pytest
 import torch
 
 from conftest import tiny_llama, tiny_tokenizer
-from sinklora.serve import chat, server
+from sinklora.commands import chat
+from sinklora.commands.serve import ServeConfig
+from sinklora.serve import server
+from sinklora.serve.session import ChatSession
 
 N_NEW = 10
 
@@ -54,7 +57,7 @@ def test_prompt_from_stdin_with_a_compressed_cache(model_dir, capsys, monkeypatc
 
 def test_multi_turn_reuses_the_cache_and_matches_a_fresh_run(model_dir):
     cfg = _opts(model_dir)
-    session = chat.load_session(cfg)
+    session = ChatSession.load(cfg)
     first = "".join(session.stream("one"))
     assert session.cache.get_seq_length() == len(session.ids) - 1  # every token but the last generated one
     cache = session.cache
@@ -75,7 +78,7 @@ def test_multi_turn_reuses_the_cache_and_matches_a_fresh_run(model_dir):
 def test_context_file_and_a_small_budget(model_dir, tmp_path, positions):
     doc = tmp_path / "doc.txt"
     doc.write_text("The secret word is plum. " * 8)
-    session = chat.load_session(_opts(model_dir, context=str(doc), cache="sink", budget="40", sinks=4,
+    session = ChatSession.load(_opts(model_dir, context=str(doc), cache="sink", budget="40", sink_tokens=4,
                                       positions=positions))
     "".join(session.stream("What is the secret word?"))
     assert "The secret word is plum." in session.messages[1]["content"]
@@ -87,10 +90,10 @@ def test_context_file_and_a_small_budget(model_dir, tmp_path, positions):
 
 
 def test_config_errors_name_the_field_and_fix(model_dir):
-    errors = chat.ChatConfig(model=model_dir, cache="sink", budget="2", sinks=4).validate()
-    assert any("budget=2" in e and "sinks=4" in e for e in errors)
-    assert any("host=" in e and "allow_remote" in e for e in server.ServeConfig(host="0.0.0.0").validate())
-    assert not server.ServeConfig(host="0.0.0.0", allow_remote=True).validate()
+    errors = chat.ChatConfig(model=model_dir, cache="sink", budget="2", sink_tokens=4).validate()
+    assert any("budget=2" in e and "sink_tokens=4" in e for e in errors)
+    assert any("host=" in e and "allow_remote" in e for e in ServeConfig(host="0.0.0.0").validate())
+    assert not ServeConfig(host="0.0.0.0", allow_remote=True).validate()
     assert any("context=" in e for e in chat.ChatConfig(context="/no/such/file").validate())
     assert any("positions='rank'" in e for e in chat.ChatConfig(positions="rank").validate())
 
@@ -100,7 +103,7 @@ def _sse(body: bytes) -> list[dict]:
 
 
 def test_server_streams_a_reply_on_loopback(model_dir):
-    session = chat.load_session(_opts(model_dir, server.ServeConfig, cache="h2o", budget="1000"))
+    session = ChatSession.load(_opts(model_dir, ServeConfig, cache="h2o", budget="1000"))
     srv = server.make_server(session, "127.0.0.1", 0, title="tiny")
     port = srv.server_address[1]
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)

@@ -10,8 +10,7 @@ import yaml
 
 from sinklora.cli import COMMANDS, main
 from sinklora.config import ConfigError, load_config, parse_overrides
-from sinklora.eval.compare import CompareConfig
-from sinklora.train.extend import ExtendConfig
+from sinklora.train.configs import CompareConfig, ExtendConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

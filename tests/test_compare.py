@@ -8,8 +8,9 @@ import pytest
 
 from conftest import tiny_llama, tiny_tokenizer
 from sinklora.config import ConfigError, load_config
-from sinklora.eval.compare import CompareConfig, improvement_ratio, method_attention, run
-from sinklora.train.recipe import AttentionConfig
+from sinklora.settings import AttentionConfig
+from sinklora.train.compare import improvement_ratio, run
+from sinklora.train.configs import CompareConfig, method_attention
 
 
 def test_improvement_ratio_definition():

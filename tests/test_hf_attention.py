@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from sinklora.attention import build_mask
+from sinklora.attention import Pattern, build_mask
 from sinklora.hf.attention import use_attention
 
 
@@ -39,13 +39,27 @@ def test_two_models_two_patterns_and_switch_back():
     a, b = tiny_llama(seed=1), tiny_llama(seed=1)
     ids = torch.randint(0, 256, (1, 20))
     full = a(ids).logits
-    use_attention(a, "sf", group_size=5)
-    use_attention(b, "s2", group_size=5)
-    la, lb = a(ids).logits, b(ids).logits
+    with use_attention(a, "sf", group_size=5), use_attention(b, "s2", group_size=5):
+        la, lb = a(ids).logits, b(ids).logits
+        with use_attention(a, "full"):  # nested: full attention inside, sf again after
+            torch.testing.assert_close(a(ids).logits, full)
+        torch.testing.assert_close(a(ids).logits, la)
     assert not torch.allclose(la, lb, atol=1e-4)
     torch.testing.assert_close(la, _eager_logits_with_mask(a, ids, build_mask("sf", 20, 4, group_size=5)))
-    use_attention(a, "full")
     torch.testing.assert_close(a(ids).logits, full)
+    assert a.config._attn_implementation == "sdpa"
+
+
+def test_the_pattern_detaches_after_an_exception():
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (1, 20))
+    full = model(ids).logits
+    with pytest.raises(RuntimeError, match="boom"):
+        with use_attention(model, Pattern("sf", group_size=5)):
+            raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa"
+    assert all(getattr(m, "_sinklora_state", None) is None for m in model.modules())
+    torch.testing.assert_close(model(ids).logits, full)
 
 
 def test_right_padding_keeps_meaning():
@@ -71,7 +85,7 @@ def test_packed_sequences_restart_the_pattern():
 
 def test_generation_with_a_training_pattern_says_what_to_do():
     model = tiny_llama()
-    with use_attention(model, "sf", group_size=4):
+    with use_attention(model, "sf", group_size=5):
         with pytest.raises(ValueError, match="use_attention\\(model, 'full'\\)"):
             model.generate(torch.randint(0, 256, (1, 10)), max_new_tokens=3, do_sample=False)
 
@@ -83,7 +97,8 @@ def test_unsupported_model_is_refused(monkeypatch):
     # what an architecture without AttentionInterface dispatch reports
     monkeypatch.setattr(GPT2LMHeadModel, "_supports_attention_backend", False)
     with pytest.raises(ValueError, match="Llama-family"):
-        use_attention(gpt2, "sf")
+        with use_attention(gpt2, "sf"):
+            pass
 
 
 def test_gradients_with_activation_checkpointing_match_plain_backward():
@@ -124,8 +139,8 @@ def test_trainer_runs_with_sparse_attention(tmp_path):
         activation_checkpointing=True,
         use_cpu=True,
     )
-    use_attention(model, "sf", group_size=8)
     trainer = Trainer(model=model, args=args, train_dataset=data)
-    trainer.train()
+    with use_attention(model, "sf", group_size=8):
+        trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < losses[0] * 0.7

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from sinklora.commands import data_mix, data_tasks
 from sinklora.data import instruct, mix, tasks
+from sinklora.defaults import LONGALPACA_PLUS
 from sinklora.data.corpora import Document
 from sinklora.data.instruct import (IGNORE_INDEX, InstructCollator, build_example, length_grouped_batches,
                                     load_instructions)
@@ -131,7 +133,7 @@ def test_length_grouped_batches():
 # ----------------------------------------------------------------------------- mixtures
 
 def test_mixture_counts_are_exact_within_rounding():
-    assert mix.mixture_counts(mix.LONGALPACA_PLUS, 28000) == {
+    assert mix.mixture_counts(LONGALPACA_PLUS, 28000) == {
         "nq.jsonl": 12320, "redpajama.jsonl": 7560, "book_summarization.jsonl": 5040, "long_qa.jsonl": 3080}
     for total in (1, 7, 1001, 9999):
         ratios = {"a": 1, "b": 1, "c": 1, "d": 0.5}
@@ -171,8 +173,8 @@ def test_mix_command(tmp_path, tokenizer, monkeypatch):
 
     monkeypatch.setattr(loading, "load_tokenizer", lambda name: tokenizer)
     a = _write_source(tmp_path / "a.jsonl", 30, "A")
-    cfg = load_config(mix.CONFIG, overrides={"sources": {a: 1.0}, "total": 10, "out": str(tmp_path / "m.jsonl")})
-    assert mix.main(cfg) == 0
+    cfg = load_config(data_mix.CONFIG, overrides={"sources": {a: 1.0}, "total": 10, "out": str(tmp_path / "m.jsonl")})
+    assert data_mix.main(cfg) == 0
     assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 10 and (tmp_path / "m.png").is_file()
 
 
@@ -230,10 +232,10 @@ def test_tasks_command_splits_by_work(tmp_path, tokenizer, monkeypatch):
     folder.mkdir()
     for k in range(12):
         (folder / f"play{k}.txt").write_text(fake_play(k).text)
-    cfg = load_config(tasks.CONFIG, overrides={
+    cfg = load_config(data_tasks.CONFIG, overrides={
         "source": str(folder), "out_dir": str(tmp_path / "out"), "lengths": [900], "tasks": ["passkey", "next_line"],
         "train_per_task": 3, "test_per_task": 2})
-    assert tasks.main(cfg) == 0
+    assert data_tasks.main(cfg) == 0
     train = [json.loads(ln) for ln in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
     test = [json.loads(ln) for ln in (tmp_path / "out" / "test.jsonl").read_text().splitlines()]
     assert len(train) == 6 and len(test) == 4

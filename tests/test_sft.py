@@ -14,7 +14,8 @@ import torch
 from conftest import tiny_llama, tiny_tokenizer
 from sinklora.config import ConfigError, load_config
 from sinklora.data.instruct import IGNORE_INDEX
-from sinklora.train.sft import SFTCollator, SFTConfig, normalize_answer, pack_examples, run
+from sinklora.train.configs import SFTConfig
+from sinklora.train.sft import SFTCollator, normalize_answer, pack_examples, run
 
 QUESTION = "What is the capital of France?"
 
@@ -241,7 +242,8 @@ def test_continues_a_context_extension_adapter(assets, tmp_path):
     from safetensors.torch import load_file
 
     from sinklora.models.loading import load_model
-    from sinklora.train.extend import ExtendConfig, run as run_extend
+    from sinklora.train.configs import ExtendConfig
+    from sinklora.train.extend import run as run_extend
 
     data = tmp_path / "docs"
     data.mkdir()

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from conftest import tiny_llama, tiny_tokenizer
 from sinklora.config import ConfigError, load_config
-from sinklora.train.extend import ExtendConfig, run
+from sinklora.train.configs import ExtendConfig
+from sinklora.train.extend import run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,7 +118,7 @@ def test_refusals_name_the_problem(assets, tmp_path):
         load_config(ExtendConfig, overrides=["train.max_step=3"])
     with pytest.raises(ConfigError, match="train_len=512 > target_len=256"):
         run(_cfg(assets, tmp_path / "x", train_len=512))
-    with pytest.raises(ConfigError, match="sink_tokens=40 >= group size 32"):
+    with pytest.raises(ConfigError, match="sink_tokens=40 >= group_size=32"):
         run(_cfg(assets, tmp_path / "x", **{"attention.sink_tokens": 40}))
     short = tmp_path / "short"
     short.mkdir()

@@ -1,8 +1,9 @@
 """The one entry point: ``sinklora COMMAND [--config FILE] [key=value | --key value ...]``.
 
-Parsing and dispatch only. Every command lives in a module that exposes ``CONFIG`` (a typed config
-dataclass, see :mod:`sinklora.config`) and ``main(cfg) -> int | None``; options are the config's
-fields, declared once there. ``sinklora COMMAND --help`` lists them with their defaults.
+Parsing and dispatch only. Every command lives in :mod:`sinklora.commands`, a module that exposes
+``CONFIG`` (a typed config dataclass, see :mod:`sinklora.config`) and ``main(cfg) -> int | None``;
+options are the config's fields, declared once there. ``sinklora COMMAND --help`` lists them with
+their defaults without importing torch.
 """
 
 from __future__ import annotations
@@ -15,17 +16,17 @@ from sinklora.config import ConfigError, describe, load_config
 
 # command words -> module. Modules are imported lazily so `sinklora --help` stays instant.
 COMMANDS: dict[str, str] = {
-    "train": "sinklora.train.extend",
-    "sft": "sinklora.train.sft",
-    "export": "sinklora.models.export",
-    "eval ppl": "sinklora.eval.perplexity",
-    "eval passkey": "sinklora.eval.passkey",
-    "compare": "sinklora.eval.compare",
-    "chat": "sinklora.serve.chat",
-    "serve": "sinklora.serve.server",
-    "data mix": "sinklora.data.mix",
-    "data tasks": "sinklora.data.tasks",
-    "model prepare": "sinklora.models.loading",
+    "train": "sinklora.commands.train",
+    "sft": "sinklora.commands.sft",
+    "compare": "sinklora.commands.compare",
+    "export": "sinklora.commands.export",
+    "eval ppl": "sinklora.commands.eval_ppl",
+    "eval passkey": "sinklora.commands.eval_passkey",
+    "chat": "sinklora.commands.chat",
+    "serve": "sinklora.commands.serve",
+    "data mix": "sinklora.commands.data_mix",
+    "data tasks": "sinklora.commands.data_tasks",
+    "model prepare": "sinklora.commands.model_prepare",
 }
 
 

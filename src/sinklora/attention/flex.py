@@ -1,4 +1,4 @@
-"""GPU path: FlexAttention with a head-dependent block mask built from the same predicate.
+"""GPU path: FlexAttention with a head-dependent block mask built from the pattern's predicate.
 
 ``create_block_mask`` and ``flex_attention`` are compiled once per process; block masks are cached per
 (pattern, length) when there is no padding and no packing. On CUDA this path never falls back to an
@@ -11,7 +11,8 @@ import functools
 
 import torch
 
-from sinklora.attention.patterns import PatternSpec, allowed
+from sinklora.attention import masks
+from sinklora.attention.pattern import PatternSpec
 
 _RECOMPILE_LIMIT = 64
 
@@ -32,29 +33,22 @@ def _compiled():
     return torch.compile(flex_attention, dynamic=False), torch.compile(create_block_mask)
 
 
-def _mask_mod(spec: PatternSpec, key_padding_mask=None, doc_ids=None, doc_start=None, doc_len=None):
-    if doc_ids is None:
-
-        def mask_mod(b, h, q, kv):
-            ok = allowed(spec, h, q, kv)
-            return ok & key_padding_mask[b, kv] if key_padding_mask is not None else ok
-
-        return mask_mod
-
-    def packed_mask_mod(b, h, q, kv):
-        d = doc_ids[q]
-        # a document no longer than G is one causal group (resolve_pattern_like)
-        inner = allowed(spec, h, q - doc_start[d], kv - doc_start[d], doc_len[d])
-        ok = (doc_ids[kv] == d) & torch.where(doc_len[d] <= spec.group_size, kv <= q, inner)
-        return ok & key_padding_mask[b, kv] if key_padding_mask is not None else ok
-
-    return packed_mask_mod
+def mask_mod(spec: PatternSpec, key_padding_mask=None, doc_lengths: tuple[int, ...] | None = None, device=None):
+    """The spec's ``mask_mod``: the predicate on the whole row, or per packed document; padded keys dropped."""
+    pred = spec.predicate()
+    if doc_lengths is None:
+        mod = masks.at_length(pred, spec.seq_len)
+    else:
+        lens = torch.tensor(doc_lengths, device=device)
+        doc_id = torch.repeat_interleave(torch.arange(len(doc_lengths), device=device), lens)
+        mod = masks.per_document(pred, doc_id, torch.cumsum(lens, 0) - lens, lens)
+    return mod if key_padding_mask is None else masks.with_key_padding(mod, key_padding_mask)
 
 
 @functools.lru_cache(maxsize=32)
 def _cached_block_mask(spec: PatternSpec, device: str):
     _, create_block_mask = _compiled()
-    return create_block_mask(_mask_mod(spec), None, spec.num_heads, spec.seq_len, spec.seq_len, device=device)
+    return create_block_mask(mask_mod(spec), None, spec.num_heads, spec.seq_len, spec.seq_len, device=device)
 
 
 def flex_sparse_attention(
@@ -72,15 +66,7 @@ def flex_sparse_attention(
     if key_padding_mask is None and doc_lengths is None:
         block_mask = _cached_block_mask(spec, str(q.device))
     else:
-        doc_kw = {}
-        if doc_lengths is not None:
-            lens = torch.tensor(doc_lengths, device=q.device)
-            doc_kw = dict(
-                doc_ids=torch.repeat_interleave(torch.arange(len(doc_lengths), device=q.device), lens),
-                doc_start=torch.cumsum(lens, 0) - lens,
-                doc_len=lens,
-            )
-        mask_mod = _mask_mod(spec, key_padding_mask, **doc_kw)
+        mod = mask_mod(spec, key_padding_mask, doc_lengths, q.device)
         batch = B if key_padding_mask is not None else None
-        block_mask = create_block_mask(mask_mod, batch, Hq, N, N, device=q.device)
+        block_mask = create_block_mask(mod, batch, Hq, N, N, device=q.device)
     return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != Hq)

@@ -27,7 +27,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from sinklora.attention.patterns import PatternSpec, resolve_pattern_like
+from sinklora.attention.pattern import PatternSpec
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,8 @@ def _class_segments(spec: PatternSpec, shifted: bool, n: int) -> tuple[torch.Ten
 
 def _document_layout(spec: PatternSpec, shifted: bool, n: int, offset: int):
     """Slot tables for one document of length n starting at token ``offset``."""
-    G, num_sink_slots = spec.group_size, spec.sink_tokens  # slot table widths, shared by all documents
-    spec = resolve_pattern_like(spec, n)  # a document no longer than G is one causal group
+    G, sink_slots = spec.group_size, spec.sink_tokens  # slot table widths, shared by all documents
+    spec = spec.for_document(n)  # a document no longer than G is one causal group
     S = min(spec.sink_tokens, n)
     order, starts = _class_segments(spec, shifted and not spec.is_full, n)
     nG = len(starts)
@@ -78,8 +78,8 @@ def _document_layout(spec: PatternSpec, shifted: bool, n: int, offset: int):
     same_seg = sink_group[None, :] == torch.arange(nG)[:, None]  # (nG, S)
     seen_in_seg = same_seg[:, None, :] & (sink_local[None, None, :] <= local[None, :, None])  # (nG, G, S)
     sink_ok = (sink[None, None, :] <= slot_pos[:, :, None]) & valid[:, :, None] & ~seen_in_seg
-    if S < num_sink_slots:  # a short document: pad the sink slots so all documents share one table
-        pad = num_sink_slots - S
+    if S < sink_slots:  # a short document: pad the sink slots so all documents share one table
+        pad = sink_slots - S
         sink_ok = torch.cat([sink_ok, sink_ok.new_zeros(nG, G, pad)], dim=-1)
         sink = torch.cat([sink, sink.new_zeros(pad)])
     allowed = torch.cat([sink_ok, in_seg], dim=-1)  # (nG, G, S + G)

@@ -1,11 +1,52 @@
-"""The dense oracle: one masked softmax over exactly the keys a boolean mask allows.
+"""The dense oracle: a pattern's mask evaluated on every (query, key) pair, and one masked softmax
+over exactly the keys it allows.
 
-O(N^2) memory per head. Used by tests to check every fast path, never on a hot path.
+O(N^2) memory per head. The definition every fast path is tested against; never on a hot path.
 """
 
 from __future__ import annotations
 
 import torch
+
+from sinklora.attention import masks
+from sinklora.attention.pattern import Pattern, PatternSpec, as_pattern
+
+
+def spec_mask(spec: PatternSpec, device=None) -> torch.Tensor:
+    """The spec's predicate on every pair: ``(num_heads, seq_len, seq_len)`` bool."""
+    pos = torch.arange(spec.seq_len, device=device)
+    h = torch.arange(spec.num_heads, device=device)[:, None, None]
+    allowed = spec.predicate()(0, h, pos[None, :, None], pos[None, None, :], spec.seq_len)
+    return allowed.expand(spec.num_heads, spec.seq_len, spec.seq_len).contiguous()
+
+
+def build_mask(pattern: Pattern | str, seq_len: int, num_heads: int, device=None, **params) -> torch.Tensor:
+    """Dense boolean mask ``(num_heads, seq_len, seq_len)``: True where query i may attend key j.
+
+    The executable definition of each pattern (O(H N^2) memory: for tests and small N only).
+    """
+    return spec_mask(as_pattern(pattern, **params).resolve(seq_len, num_heads), device=device)
+
+
+def reference_mask(spec: PatternSpec, key_padding_mask: torch.Tensor | None = None,
+                   doc_lengths: tuple[int, ...] | None = None, device=None) -> torch.Tensor:
+    """Dense mask ``(H, N, N)`` or ``(B, H, N, N)`` with packed documents and key padding applied,
+    through the same wrappers FlexAttention uses (:func:`masks.per_document`, :func:`masks.with_key_padding`)."""
+    N, H = spec.seq_len, spec.num_heads
+    pred = spec.predicate()
+    if doc_lengths is None:
+        mask_mod = masks.at_length(pred, N)
+    else:
+        lens = torch.tensor(doc_lengths, device=device)
+        doc_id = torch.repeat_interleave(torch.arange(len(doc_lengths), device=device), lens)
+        mask_mod = masks.per_document(pred, doc_id, torch.cumsum(lens, 0) - lens, lens)
+    pos = torch.arange(N, device=device)
+    h = torch.arange(H, device=device)[:, None, None]
+    if key_padding_mask is None:
+        return mask_mod(0, h, pos[None, :, None], pos[None, None, :]).expand(H, N, N).contiguous()
+    b = torch.arange(key_padding_mask.shape[0], device=device)[:, None, None, None]
+    mask_mod = masks.with_key_padding(mask_mod, key_padding_mask.to(device))
+    return mask_mod(b, h[None], pos[None, None, :, None], pos[None, None, None, :]).expand(-1, H, N, N).contiguous()
 
 
 def dense_attention(

@@ -16,7 +16,7 @@ and the next token is written into it, so slot order is token order only until d
 (attention does not depend on slot order: keys carry their RoPE positions).
 
 Budgets are token counts (``int >= 1``) or ratios of the prompt (``float`` in ``(0, 1]``, resolved
-when the first forward step sees the prompt). Split: ``S = sinks``; of the rest, ``K =
+when the first forward step sees the prompt). Split: ``S = sink_tokens``; of the rest, ``K =
 floor(heavy_ratio * rest)`` heavy hitters and ``W = rest - K`` recent tokens (H2O default: half/half).
 
 | policy | S | K | W | score |
@@ -40,31 +40,38 @@ from typing import ClassVar
 
 import torch
 
+from sinklora.defaults import CACHE_SINK_TOKENS, HEAVY_RATIO
+
 
 @dataclass(frozen=True)
 class Split:
     """A resolved budget: slots kept after every step, by role."""
 
-    sinks: int
+    sink_tokens: int
     heavy: int
     recent: int
 
     @property
     def total(self) -> int:
-        return self.sinks + self.heavy + self.recent
+        return self.sink_tokens + self.heavy + self.recent
 
 
 @dataclass
 class SlotState:
-    """What a policy may look at, for one layer. Shapes: ``keys``/``values`` (B, Hkv, N, D);
-    ``positions`` (B, Hkv, N) absolute token index of every slot; ``seen`` tokens seen so far;
-    ``attention`` (B, Hkv, N) float32 accumulated attention (only when the policy ``needs_attention``)."""
+    """What a policy sees of one layer's step. Shapes: ``keys``/``values`` (B, Hkv, N, D) every slot,
+    kept and new; ``positions`` (B, Hkv, N) absolute token index of every slot; ``seen`` tokens seen so
+    far; ``attention`` (B, Hkv, N) float32 accumulated attention (only when the policy ``needs_attention``);
+    ``queries`` (B, Hq, L, D) this step's queries, RoPE applied (None outside a forward step);
+    ``layer_idx`` / ``num_layers`` which layer of how many (per-layer budgets and scorers)."""
 
     keys: torch.Tensor
     values: torch.Tensor
     positions: torch.Tensor
     seen: int
     attention: torch.Tensor | None = None
+    queries: torch.Tensor | None = None
+    layer_idx: int = 0
+    num_layers: int = 1
 
 
 def parse_budget(value: int | float | str | None) -> int | float | None:
@@ -95,21 +102,21 @@ class KVPolicy:
 
     name: ClassVar[str] = ""
     needs_attention: ClassVar[bool] = False  # the cache must see the attention probabilities
-    default_sinks: ClassVar[int] = 0
+    default_sink_tokens: ClassVar[int] = 0
     default_heavy_ratio: ClassVar[float] = 0.0
     allows_sinks: ClassVar[bool] = True
     allows_heavy: ClassVar[bool] = False
     score_window: ClassVar[int | None] = None  # needs_attention: count only a step's last N queries (None: all)
 
-    def __init__(self, budget: int | float | str | None = None, *, sinks: int | None = None,
+    def __init__(self, budget: int | float | str | None = None, *, sink_tokens: int | None = None,
                  heavy_ratio: float | None = None):
         self.budget = parse_budget(budget)
-        self.sinks = self.default_sinks if sinks is None else sinks
+        self.sink_tokens = self.default_sink_tokens if sink_tokens is None else sink_tokens
         self.heavy_ratio = self.default_heavy_ratio if heavy_ratio is None else heavy_ratio
         self._validate()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(budget={self.budget!r}, sinks={self.sinks}, heavy_ratio={self.heavy_ratio})"
+        return f"{type(self).__name__}(budget={self.budget!r}, sink_tokens={self.sink_tokens}, heavy_ratio={self.heavy_ratio})"
 
     def _validate(self) -> None:
         b, name = self.budget, self.name
@@ -118,10 +125,11 @@ class KVPolicy:
                              "ratio of the prompt (e.g. budget=0.2), or use policy 'full'")
         if isinstance(b, bool) or not isinstance(b, (int, float)):
             raise ValueError(f"budget={b!r}: must be a token count (int) or a ratio of the prompt (float)")
-        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
-            raise ValueError(f"sinks={self.sinks!r}: must be an integer >= 0 (StreamingLLM uses 4)")
-        if self.sinks and not self.allows_sinks:
-            raise ValueError(f"sinks={self.sinks}: policy {name!r} keeps no sink tokens; use sinks=0, or policy "
+        s = self.sink_tokens
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ValueError(f"sink_tokens={s!r}: must be an integer >= 0 (StreamingLLM uses 4)")
+        if s and not self.allows_sinks:
+            raise ValueError(f"sink_tokens={s}: policy {name!r} keeps no sink tokens; use sink_tokens=0, or policy "
                              "'sink' (sinks + recent) or 'h2o' (optional sinks + heavy hitters + recent)")
         if not 0.0 <= self.heavy_ratio <= 1.0:
             raise ValueError(f"heavy_ratio={self.heavy_ratio}: must be in [0, 1] (the share of the non-sink "
@@ -135,20 +143,22 @@ class KVPolicy:
                                  f"give an integer (e.g. budget={max(1, int(b))})")
         elif b < 1:
             raise ValueError(f"budget={b}: must be at least 1 token (or a ratio of the prompt in (0, 1])")
-        elif b < self.sinks:
-            raise ValueError(f"budget={b} is smaller than sinks={self.sinks}: the sinks alone would not fit; "
-                             f"raise the budget to at least {self.sinks} or lower sinks")
+        elif b < self.sink_tokens:
+            raise ValueError(f"budget={b} is smaller than sink_tokens={self.sink_tokens}: the sinks alone would not "
+                             f"fit; raise the budget to at least {self.sink_tokens} or lower sink_tokens")
 
-    def split(self, prompt_len: int) -> Split | None:
-        """The budget for a cache whose first forward step holds ``prompt_len`` tokens (None = unbounded)."""
+    def split(self, prompt_len: int, layer_idx: int = 0, num_layers: int = 1) -> Split | None:
+        """The budget of layer ``layer_idx`` (of ``num_layers``) for a cache whose first forward step holds
+        ``prompt_len`` tokens (None = unbounded). The same for every layer here; a per-layer policy
+        (PyramidKV) overrides this."""
         b = self.budget
         total = b if isinstance(b, int) else max(1, round(b * prompt_len))
-        if total < self.sinks:
+        if total < self.sink_tokens:
             raise ValueError(f"budget={b} of a {prompt_len}-token prompt is {total} tokens, fewer than "
-                             f"sinks={self.sinks}; raise the budget or lower sinks")
-        rest = total - self.sinks
+                             f"sink_tokens={self.sink_tokens}; raise the budget or lower sink_tokens")
+        rest = total - self.sink_tokens
         heavy = int(rest * self.heavy_ratio)
-        return Split(self.sinks, heavy, rest - heavy)
+        return Split(self.sink_tokens, heavy, rest - heavy)
 
     def score(self, state: SlotState) -> torch.Tensor | None:
         """Importance of every slot, (B, Hkv, N); the top ``heavy`` of the evictable middle survive.
@@ -159,7 +169,7 @@ class KVPolicy:
         """(B, Hkv, N) float32 keep priority: +inf for sinks and the recent window, :meth:`score` for the
         evictable middle (its position when the policy has no scores: first in, first out)."""
         pos = state.positions
-        protected = (pos < split.sinks) | (pos >= state.seen - split.recent)
+        protected = (pos < split.sink_tokens) | (pos >= state.seen - split.recent)
         scores = self.score(state) if split.heavy else None
         return (pos if scores is None else scores).float().masked_fill(protected, float("inf"))
 
@@ -185,7 +195,7 @@ class FullPolicy(KVPolicy):
             raise ValueError(f"budget={self.budget!r}: policy 'full' keeps everything; drop the budget or pick "
                              "policy 'local', 'sink' or 'h2o'")
 
-    def split(self, prompt_len: int) -> Split | None:
+    def split(self, prompt_len: int, layer_idx: int = 0, num_layers: int = 1) -> Split | None:
         return None
 
 
@@ -197,10 +207,10 @@ class LocalPolicy(KVPolicy):
 
 
 class SinkPolicy(KVPolicy):
-    """StreamingLLM: the first ``sinks`` tokens and the most recent ``budget - sinks``."""
+    """StreamingLLM: the first ``sink_tokens`` tokens and the most recent ``budget - sink_tokens``."""
 
     name = "sink"
-    default_sinks = 4
+    default_sink_tokens = CACHE_SINK_TOKENS
 
 
 class H2OPolicy(KVPolicy):
@@ -208,7 +218,7 @@ class H2OPolicy(KVPolicy):
 
     name = "h2o"
     needs_attention = True
-    default_heavy_ratio = 0.5
+    default_heavy_ratio = HEAVY_RATIO
     allows_heavy = True
 
     def score(self, state: SlotState) -> torch.Tensor | None:
@@ -237,9 +247,22 @@ POLICIES: dict[str, type[KVPolicy]] = {
     p.name: p for p in (FullPolicy, LocalPolicy, SinkPolicy, H2OPolicy, SnapKVPolicy)}
 
 
-def make_policy(name: str, budget: int | float | str | None = None, *, sinks: int | None = None,
+def make_policy(name: str, budget: int | float | str | None = None, *, sink_tokens: int | None = None,
                 heavy_ratio: float | None = None) -> KVPolicy:
     """A policy by name: 'full', 'local', 'sink' or 'h2o' (see the module docstring)."""
     if name not in POLICIES:
         raise ValueError(f"cache policy {name!r} is unknown; choose one of {', '.join(map(repr, POLICIES))}")
-    return POLICIES[name](budget, sinks=sinks, heavy_ratio=heavy_ratio)
+    return POLICIES[name](budget, sink_tokens=sink_tokens, heavy_ratio=heavy_ratio)
+
+
+POSITIONS = ("absolute", "rank")
+
+
+def check_positions(positions: str, policy: str) -> None:
+    """Refuse an unknown ``positions`` mode, or rank positions for a cache that never evicts."""
+    if positions not in POSITIONS:
+        raise ValueError(f"positions={positions!r}: choose 'absolute' (default) or 'rank' (StreamingLLM's positions "
+                         "within the cache)")
+    if positions == "rank" and policy == "full":
+        raise ValueError("positions='rank' re-rotates keys after evictions; policy 'full' never evicts: drop it, "
+                         "or pick policy 'sink', 'local', 'h2o' or 'snapkv'")

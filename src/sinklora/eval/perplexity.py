@@ -36,21 +36,18 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from sinklora.config import option
-from sinklora.eval.results import EvalModelOptions, load_eval_model, run_metadata, write_results
+from sinklora.defaults import PPL_CHUNK_TOKENS
+
 
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("sliding", "longlora")
 LONGLORA_STEP = 256  # eval.py's `sliding_window`
-DEFAULT_CHUNK_TOKENS = 1024
 
 
 def causal_lm_parts(model: Any) -> tuple[torch.nn.Module, torch.nn.Module, Any]:
@@ -127,7 +124,7 @@ def sliding_windows(n_tokens: int, context_len: int, stride: int | None = None) 
 
 
 def document_nll(model: Any, input_ids: torch.Tensor, context_len: int, stride: int | None = None, *,
-                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                 chunk_tokens: int = PPL_CHUNK_TOKENS,
                  on_window: Callable[[], object] | None = None) -> tuple[float, int]:
     """Sliding-window NLL of one document: -> (sum of token NLLs, number of scored tokens = len - 1).
 
@@ -152,7 +149,7 @@ def longlora_starts(n_tokens: int, context_len: int, step: int = LONGLORA_STEP) 
 
 
 def longlora_window_nll(model: Any, input_ids: torch.Tensor, context_len: int, step: int = LONGLORA_STEP, *,
-                        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                        chunk_tokens: int = PPL_CHUNK_TOKENS,
                         on_window: Callable[[], object] | None = None) -> tuple[float, int]:
     """LongLoRA protocol on one document: -> (sum over windows of each window's mean NLL, number of windows).
 
@@ -177,7 +174,7 @@ def longlora_window_nll(model: Any, input_ids: torch.Tensor, context_len: int, s
 def evaluate_perplexity(model: Any, token_lists: Sequence[Sequence[int] | torch.Tensor],
                         context_lengths: Sequence[int], stride: int | None = None,
                         protocol: Literal["sliding", "longlora"] = "sliding", max_tokens: int | None = None, *,
-                        chunk_tokens: int = DEFAULT_CHUNK_TOKENS, progress: bool = True) -> dict[str, Any]:
+                        chunk_tokens: int = PPL_CHUNK_TOKENS, progress: bool = True) -> dict[str, Any]:
     """Perplexity at each context length over ``token_lists`` (one list of ids per document).
 
     ``max_tokens`` keeps the first ``max_tokens`` tokens of each document. Documents shorter than a
@@ -233,78 +230,3 @@ def evaluate_perplexity(model: Any, token_lists: Sequence[Sequence[int] | torch.
         logger.info("context %d: ppl %.4f over %d tokens, %d docs (%d skipped)",
                     length, rows[-1]["ppl"], tokens, len(used), len(docs) - len(used))
     return {"protocol": protocol, "stride": stride, "max_tokens": max_tokens, "by_length": rows}
-
-
-@dataclass
-class PerplexityConfig(EvalModelOptions):
-    output_dir: str = option("outputs/eval/ppl", "folder for results.json, perplexity.png and config.yaml")
-    corpus: str = option("books", "data source for sinklora.data.corpora.load_documents (a name or a path)")
-    split: Literal["train", "heldout", "all"] = option("heldout", "which documents of the corpus")
-    lengths: list[int] = option(help="context lengths to evaluate", factory=lambda: [2048, 4096, 8192])
-    stride: int | None = option(
-        None, "window step; sliding: default = the context length; longlora: default 256"
-    )
-    protocol: Literal["sliding", "longlora"] = option(
-        "sliding", "sliding = standard token-weighted sliding window; longlora = LongLoRA eval.py windows"
-    )
-    max_docs: int | None = option(None, "use at most this many documents (in corpus order)")
-    max_tokens_per_doc: int | None = option(None, "keep only the first N tokens of each document")
-    chunk_tokens: int = option(DEFAULT_CHUNK_TOKENS, "positions per output-embedding chunk (bounds logits memory)")
-
-    def validate(self) -> list[str]:
-        errors = self.model_errors()
-        if not self.lengths or any(n < 2 for n in self.lengths):
-            errors.append(f"lengths={self.lengths}: give one or more context lengths >= 2, e.g. lengths=2048,4096")
-        if self.stride is not None and self.stride < 1:
-            errors.append(f"stride={self.stride}: must be >= 1, or omit it")
-        if (self.protocol == "sliding" and self.stride is not None and self.lengths
-                and self.stride > min(self.lengths)):
-            errors.append(f"stride={self.stride}: exceeds the shortest length {min(self.lengths)}; "
-                          "use stride <= every context length")
-        if self.max_docs is not None and self.max_docs < 1:
-            errors.append(f"max_docs={self.max_docs}: must be >= 1, or omit it for all documents")
-        if self.max_tokens_per_doc is not None and self.lengths and self.max_tokens_per_doc < max(self.lengths):
-            errors.append(f"max_tokens_per_doc={self.max_tokens_per_doc}: smaller than the longest length "
-                          f"{max(self.lengths)}, so that length would skip every document; raise it or omit it")
-        if self.chunk_tokens < 1:
-            errors.append(f"chunk_tokens={self.chunk_tokens}: must be >= 1")
-        return errors
-
-
-CONFIG = PerplexityConfig
-
-
-def main(cfg: PerplexityConfig) -> int:
-    from sinklora.config import save_config
-    from sinklora.data.corpora import load_documents
-    from sinklora.data.packing import tokenize_documents
-    from sinklora.eval import plots
-
-    out = Path(cfg.output_dir)
-    docs = load_documents(cfg.corpus, cfg.split)
-    if cfg.max_docs is not None:
-        docs = docs[: cfg.max_docs]
-    if not docs:
-        raise ValueError(f"corpus={cfg.corpus!r} split={cfg.split!r}: no documents; choose another corpus or split")
-    model, tokenizer = load_eval_model(cfg)
-    token_lists = tokenize_documents(docs, tokenizer)
-    t0 = time.perf_counter()
-    result = evaluate_perplexity(model, token_lists, cfg.lengths, cfg.stride, cfg.protocol,
-                                 cfg.max_tokens_per_doc, chunk_tokens=cfg.chunk_tokens)
-    payload = {
-        "kind": "perplexity",
-        "label": cfg.label,
-        "metadata": run_metadata(model=cfg.model, adapter=cfg.adapter, pattern="full", lengths=cfg.lengths,
-                                 loaded_model=model, corpus=cfg.corpus, split=cfg.split,
-                                 documents=[d.name for d in docs], wall_seconds=round(time.perf_counter() - t0, 2)),
-        **result,
-    }
-    save_config(cfg, out / "config.yaml")
-    write_results(payload, out / "results.json")
-    plots.plot_perplexity([payload], out / "perplexity.png")
-    print(f"{'context':>8} {'ppl':>10} {'tokens':>10} {'docs':>5} {'skipped':>7}")
-    for row in result["by_length"]:
-        print(f"{row['context_len']:>8} {row['ppl']:>10.4f} {row['tokens']:>10} "
-              f"{row['docs_used']:>5} {row['docs_skipped']:>7}")
-    print(f"results: {out / 'results.json'}")
-    return 0

@@ -13,7 +13,7 @@ from typing import Any
 from sinklora.eval.results import series_label
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -22,12 +22,12 @@ def _pyplot():
     return plt
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+def save_figure(fig: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -35,7 +35,7 @@ def plot_perplexity(results: Sequence[dict[str, Any]], path: str | Path, *, titl
     """One line per result (``by_length`` rows from :func:`evaluate_perplexity`): perplexity vs context length."""
     if not results:
         raise ValueError("results is empty: pass one or more perplexity result dicts")
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for result in results:
         rows = sorted(result["by_length"], key=lambda r: r["context_len"])
@@ -53,12 +53,12 @@ def plot_perplexity(results: Sequence[dict[str, Any]], path: str | Path, *, titl
     ax.set_title(title or f"perplexity vs context length ({protocol})")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_passkey_heatmap(result: dict[str, Any], path: str | Path, *, title: str | None = None) -> Path:
     """Passkey accuracy, rows = prompt length, columns = key depth, from :func:`run_passkey`."""
-    plt = _pyplot()
+    plt = pyplot()
     acc = result["accuracy"]
     lengths, depths = result["lengths"], result["depths"]
     fig, ax = plt.subplots(figsize=(1.1 * len(depths) + 2.5, 0.5 * len(lengths) + 2))
@@ -72,7 +72,7 @@ def plot_passkey_heatmap(result: dict[str, Any], path: str | Path, *, title: str
     ax.set_ylabel("prompt length (tokens)")
     ax.set_title(title or f"passkey accuracy: {series_label(result)}", fontsize=10)
     fig.colorbar(image, ax=ax, label="accuracy")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
@@ -91,7 +91,7 @@ def plot_loss(log_history: Sequence[dict[str, Any]], path: str | Path, *, smooth
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h]
     if not train and not evals:
         raise ValueError("log_history has no entries with 'step' and 'loss' or 'eval_loss'; nothing to plot")
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     if train:
         steps, losses = zip(*train)
@@ -106,4 +106,4 @@ def plot_loss(log_history: Sequence[dict[str, Any]], path: str | Path, *, smooth
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)

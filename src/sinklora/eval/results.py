@@ -1,5 +1,4 @@
-"""Run bookkeeping shared by the eval commands: the model options every eval command takes, loading
-the model for evaluation, and result files (metadata + numbers as one JSON document).
+"""Run bookkeeping shared by the eval commands: result files (metadata + numbers as one JSON document).
 
 A result file is a JSON object ``{"kind": ..., "metadata": {...}, ...numbers...}``; ``metadata`` says
 which model, adapter and attention pattern produced the numbers, at which lengths and seeds, with
@@ -13,58 +12,15 @@ import json
 import logging
 import platform
 import subprocess
-from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-
-from sinklora.config import option
 
 logger = logging.getLogger(__name__)
 
 _LIBRARIES = ("sinklora", "torch", "transformers", "peft", "accelerate", "tokenizers")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class EvalModelOptions:
-    """Fields every eval command shares (its config class inherits them)."""
-
-    model: str = option("smollm2-135m-instruct", "model alias, local HF folder or hub id")
-    adapter: str | None = option(None, "LoRA/LoRA+ adapter folder to apply on top of the model")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", "weights dtype; auto = as the checkpoint stores it"
-    )
-    device: str = option("auto", "torch device (cpu, cuda, cuda:1); auto = cuda when available, else cpu")
-    context_len: int | None = option(
-        None, "extend RoPE to this length by linear position interpolation before evaluating (the untrained "
-        "baseline); an adapter's own RoPE record is applied without it"
-    )
-    output_dir: str = option("outputs/eval", "folder for results.json, the plot and config.yaml")
-    label: str | None = option(None, "series name in plots; default: model (+ adapter)")
-
-    def model_errors(self) -> list[str]:
-        errors = []
-        if not self.model:
-            errors.append("model='': give a model alias, a local folder or a hub id")
-        if self.adapter is not None and not Path(self.adapter).exists():
-            errors.append(f"adapter={self.adapter!r}: no such folder; give a trained adapter folder or omit it")
-        if self.context_len is not None and self.context_len < 1:
-            errors.append(f"context_len={self.context_len}: must be a positive token count, or omit it")
-        return errors
-
-
-def load_eval_model(opts: EvalModelOptions):
-    """-> (model, tokenizer) via :func:`sinklora.models.loading.load_model`, in eval mode."""
-    from sinklora.models.loading import load_model
-
-    dtype = DTYPES.get(opts.dtype)  # "auto" -> None: the loader decides
-    device = opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else None)
-    extra = {"context_len": opts.context_len} if opts.context_len is not None else {}
-    model, tokenizer = load_model(opts.model, adapter=opts.adapter, dtype=dtype, device=device, **extra)
-    return model.eval(), tokenizer
 
 
 def library_versions() -> dict[str, str | None]:

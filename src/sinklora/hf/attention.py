@@ -1,46 +1,97 @@
-"""Sparse training attention for Hugging Face models, through public extension points only.
+"""sinklora's one Hugging Face attention function, and the context managers that give it state.
 
-Each distinct pattern configuration is registered under its own neutral name in
-``transformers.AttentionInterface`` (the attention function) and ``AttentionMaskInterface`` (the mask
-function, without which transformers would pass ``attention_mask=None`` and drop padding), and a
-model opts in with ``model.set_attn_implementation(name)``. Two models in one process can therefore
-use different patterns, and switching a model back to full attention is one call::
+transformers dispatches attention through a registry (``AttentionInterface``, with the mask builder in
+``AttentionMaskInterface``); sinklora registers one function there, under :data:`ATTENTION`. It reads
+the state the model holds, on each of its attention modules:
 
-    with use_attention(model, "sf", group_ratio=0.25):   # train
-        ...
-    # leaving the block restores the previous implementation (e.g. "sdpa") for evaluation
+- a training :class:`~sinklora.attention.Pattern`, attached by :func:`use_attention`: sparse attention
+  (``sparse_attention``), with padding and packed documents kept;
+- a KV cache, attached by :func:`attach_cache`: the cache layer of the module runs the step (SDPA,
+  then its policy's scoring and eviction; :mod:`sinklora.hf.cache`);
+- nothing: causal SDPA, as transformers' ``"sdpa"``.
 
-``full`` maps to PyTorch SDPA (transformers' own ``"sdpa"``). Padding (2-D attention masks) and packed
-sequences (``position_ids`` restarting at 0, as ``DataCollatorWithFlattening`` produces) keep their
-meaning: patterns restart in every packed document.
+Both context managers switch the model to :data:`ATTENTION` on entry and restore its previous
+implementation and state on exit, exceptions included::
+
+    with use_attention(model, "sf", group_ratio=0.25):      # train with SF-Attn
+        loss = model(input_ids, labels=input_ids).loss
+    with attach_cache(model, make_cache(model, "h2o", budget=0.2)) as cache_kw:
+        model.generate(**inputs, **cache_kw)                 # decode under a compressed KV cache
+
+A KV cache belongs to one request: attaching a second cache to a model that is generating with one (two
+threads sharing a model instance) is refused; two model instances generate independently. This is the
+only module that touches transformers' attention and mask registries.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from sinklora.attention import resolve_pattern, sparse_attention
+from sinklora.attention import Pattern, as_pattern, sparse_attention
 
 logger = logging.getLogger(__name__)
 
-_PREFIX = "sinklora_"
+ATTENTION = "sinklora"
+_STATE = "_sinklora_state"  # attribute of every attention module while something is attached
+_ATTACH_LOCK = threading.Lock()  # makes "is a cache attached? then attach mine" one step across threads
 
 
-def implementation_name(pattern: str, **params) -> str:
-    """The registry name for a pattern configuration, e.g. ``sinklora_sf-group_ratio0.25``."""
-    parts = [f"{k}{params[k]}" for k in sorted(params) if params[k] is not None]
-    return _PREFIX + "-".join([pattern, *parts])
+@dataclass(frozen=True)
+class AttentionState:
+    """What an attention module computes while attached: a training pattern or a KV cache."""
+
+    pattern: Pattern | None = None
+    cache: Any = None  # sinklora.hf.cache.PolicyCache
 
 
-def _validate(pattern: str, params: dict) -> None:
-    # resolve once on a dummy shape so bad parameters fail here, not inside a forward pass
-    resolve_pattern(pattern, 64, 2, **params)
+# ---- the registered functions --------------------------------------------------------------------
 
 
-def _documents_from_positions(position_ids: torch.Tensor | None, n: int) -> tuple[int, ...] | None:
+def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+          **kwargs) -> torch.Tensor | None:
+    """The mask :func:`_attention` takes: the key padding mask ``(B, kv_length)`` bool, None without padding.
+
+    Called once per forward (not per layer), so its one device-to-host check is paid once."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, kv_offset : kv_offset + kv_length].to(torch.bool)
+    return None if bool(mask.all()) else mask
+
+
+def causal_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     key_padding: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                     doc_lengths: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Causal attention as transformers' ``"sdpa"`` computes it: queries are the last ``Lq`` positions of
+    the ``Lk`` keys (bottom-right aligned), ``key_padding`` (B, Lk) drops padded keys, ``doc_lengths`` keeps
+    packed documents apart. Returns ``(B, Lq, Hq, D)``."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q_len, kv_len = query.shape[2], key.shape[2]
+    mask = None
+    if key_padding is not None or doc_lengths is not None or 1 < q_len < kv_len:
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
+        k_pos = torch.arange(kv_len, device=query.device)[None, :]
+        mask = (k_pos <= q_pos)[None, None]  # (1, 1, Lq, Lk)
+        if doc_lengths is not None:
+            doc = torch.repeat_interleave(torch.arange(len(doc_lengths), device=query.device),
+                                          torch.tensor(doc_lengths, device=query.device))
+            mask = mask & (doc[q_pos] == doc[k_pos])[None, None]
+        if key_padding is not None:
+            mask = mask & key_padding[:, None, None, :]
+    out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                                    is_causal=mask is None and q_len > 1)
+    return out
+
+
+def documents_from_positions(position_ids: torch.Tensor | None, n: int) -> tuple[int, ...] | None:
     """Packed documents of a single row: lengths between the places where positions restart at 0."""
     if position_ids is None or position_ids.shape[0] != 1 or position_ids.shape[-1] != n:
         return None
@@ -50,94 +101,141 @@ def _documents_from_positions(position_ids: torch.Tensor | None, n: int) -> tupl
     return tuple(b - a for a, b in zip(starts, starts[1:] + [n]))
 
 
-def _make_attention_fn(pattern: str, params: dict):
-    def sinklora_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        # query (B, Hq, Sq, D); key/value (B, Hkv, Skv, D), keys already rotated; GQA not expanded
-        if query.shape[2] != key.shape[2]:
-            raise ValueError(
-                f"attention pattern {pattern!r} is a training pattern and needs the whole sequence "
-                f"(got {query.shape[2]} queries over {key.shape[2]} cached keys): switch the model to full "
-                "attention for generation with sinklora.hf.attention.use_attention(model, 'full')"
-            )
-        if dropout and module.training:
-            raise ValueError(f"attention dropout={dropout} is not supported by sparse patterns; set attention_dropout=0")
-        docs = None
-        if attention_mask is None:
-            cu = kwargs.get("cu_seq_lens_q")
-            if cu is not None and query.shape[0] == 1:
-                docs = tuple(int(x) for x in torch.diff(cu).tolist())
-            else:
-                docs = _documents_from_positions(kwargs.get("position_ids"), query.shape[2])
-        out = sparse_attention(
-            query, key, value, pattern, scale=scaling, key_padding_mask=attention_mask, doc_lengths=docs, **params
-        )
-        return out.transpose(1, 2).contiguous(), None  # (B, Sq, Hq, D)
-
-    sinklora_attention.__name__ = f"sinklora_attention_{pattern}"
-    return sinklora_attention
-
-
-def sinklora_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None, **kwargs):
-    """The mask our attention functions take: the 2-D key padding mask ``(B, kv_length)``, or None."""
-    if attention_mask is None:
+def _packed_documents(query: torch.Tensor, key: torch.Tensor, key_padding: torch.Tensor | None,
+                      kwargs: dict) -> tuple[int, ...] | None:
+    """Packed documents of a one-row batch without padding and without a cache (``cu_seq_lens_q`` from
+    transformers' flattening collator, or ``position_ids`` restarting at 0)."""
+    if key_padding is not None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return None
-    mask = attention_mask[:, kv_offset : kv_offset + kv_length].to(torch.bool)
-    return None if bool(mask.all()) else mask
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        return tuple(int(x) for x in torch.diff(cu).tolist())
+    return documents_from_positions(kwargs.get("position_ids"), query.shape[2])
 
 
-def register(pattern: str, **params) -> str:
-    """Register ``pattern`` with ``params`` in transformers' registries; returns the implementation name."""
+def _pattern_attention(module, pattern: Pattern, query, key, value, key_padding, scaling, dropout, kwargs):
+    if pattern.name == "full":
+        return causal_attention(module, query, key, value, key_padding, scaling, dropout,
+                                _packed_documents(query, key, key_padding, kwargs))
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(
+            f"attention pattern {pattern.key!r} is a training pattern and needs the whole sequence (got "
+            f"{query.shape[2]} queries over {key.shape[2]} cached keys): generate outside `use_attention`, "
+            "or inside `use_attention(model, 'full')`")
+    if dropout:
+        raise ValueError(f"attention dropout={dropout} is not supported by sparse patterns; set attention_dropout=0")
+    out = sparse_attention(query, key, value, pattern, scale=scaling, key_padding_mask=key_padding,
+                           doc_lengths=_packed_documents(query, key, key_padding, kwargs))
+    return out.transpose(1, 2).contiguous()  # (B, N, Hq, D)
+
+
+def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+               **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """query (B, Hq, Lq, D); key/value (B, Hkv, Lk, D), RoPE applied, GQA not expanded; attention_mask
+    from :func:`_mask`. Returns ((B, Lq, Hq, D), None) as transformers expects."""
+    state: AttentionState | None = getattr(module, _STATE, None)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if state is not None and state.cache is not None:
+        out = state.cache.layers[module.layer_idx].attend(module, query, key, value, attention_mask, scaling, dropout)
+    elif state is not None and state.pattern is not None:
+        out = _pattern_attention(module, state.pattern, query, key, value, attention_mask, scaling, dropout, kwargs)
+    else:
+        out = causal_attention(module, query, key, value, attention_mask, scaling, dropout,
+                               _packed_documents(query, key, attention_mask, kwargs))
+    return out, None
+
+
+@functools.cache
+def register() -> str:
+    """Register :func:`_attention` and its mask function under :data:`ATTENTION` (once per process)."""
     from transformers import AttentionInterface, AttentionMaskInterface
 
-    _validate(pattern, params)
-    if pattern == "full":
-        return "sdpa"
-    name = implementation_name(pattern, **params)
-    AttentionInterface.register(name, _make_attention_fn(pattern, params))
-    AttentionMaskInterface.register(name, sinklora_mask)
-    return name
+    AttentionInterface.register(ATTENTION, _attention)
+    AttentionMaskInterface.register(ATTENTION, _mask)
+    return ATTENTION
 
 
-def _base_model(model):
+# ---- attaching state -----------------------------------------------------------------------------
+
+
+def base_model(model: Any) -> Any:
+    """The transformers model inside a peft ``PeftModel`` (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def check_supported(model) -> None:
-    """Refuse models the attention engine cannot serve, with the reason."""
+def check_supported(model: Any) -> None:
+    """Refuse models this attention function cannot serve, with the reason."""
     from sinklora.models.loading import check_supported as check_config
 
-    base = _base_model(model)
+    base = base_model(model)
     if not getattr(base, "_supports_attention_backend", False):
-        raise ValueError(
-            f"{type(base).__name__} does not dispatch through transformers' AttentionInterface, "
-            "so a sparse training pattern cannot be plugged in: use a Llama-family model"
-        )
+        raise ValueError(f"{type(base).__name__} does not dispatch through transformers' AttentionInterface, so "
+                         "sinklora's attention cannot be plugged in: use a Llama-family model")
     check_config(base.config)  # a Llama-family RoPE decoder with num_attention_heads / num_key_value_heads
     hq, hkv = base.config.num_attention_heads, base.config.num_key_value_heads
     if hq % hkv:
         raise ValueError(f"num_attention_heads={hq} is not a multiple of num_key_value_heads={hkv}")
 
 
-class use_attention(contextlib.ContextDecorator):
-    """Switch ``model`` (a transformers model or a peft model) to ``pattern``.
+def attention_modules(model: Any) -> list[torch.nn.Module]:
+    """The model's attention modules (those transformers hands to the attention function), in layer order."""
+    base = base_model(model)
+    found = [m for m in base.modules() if isinstance(getattr(m, "layer_idx", None), int)
+             and hasattr(m, "num_key_value_groups")]
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    if len(found) != config.num_hidden_layers:
+        raise ValueError(f"{type(base).__name__}: found {len(found)} attention modules for {config.num_hidden_layers} "
+                         "layers; sinklora supports Llama-family decoders")
+    return sorted(found, key=lambda m: m.layer_idx)
 
-    Usable as a plain call (the switch stays) or as a context manager (the previous implementation is
-    restored on exit, even after an exception).
-    """
 
-    def __init__(self, model, pattern: str, **params):
-        base = _base_model(model)
-        if pattern != "full":
-            check_supported(model)
-        self.model = base
-        self.previous = base.config._attn_implementation
-        self.name = register(pattern, **params)
-        base.set_attn_implementation(self.name)
-        logger.debug("attention implementation %s -> %s", self.previous, self.name)
+@contextlib.contextmanager
+def _attached(model: Any, state: AttentionState) -> Iterator[Any]:
+    base = base_model(model)
+    register()
+    modules = attention_modules(base)
+    with _ATTACH_LOCK:
+        previous = getattr(modules[0], _STATE, None)
+        if previous is not None and previous.cache is not None:
+            raise RuntimeError(
+                f"{type(base).__name__} is generating with another KV cache (a cache belongs to one request): "
+                "serve concurrent requests with one model instance each, or one after another")
+        for m in modules:
+            setattr(m, _STATE, state)
+        implementation = base.config._attn_implementation
+    try:
+        if implementation != ATTENTION:
+            base.set_attn_implementation(ATTENTION)
+        yield base
+    finally:
+        with _ATTACH_LOCK:
+            for m in modules:
+                setattr(m, _STATE, previous)
+            if implementation != ATTENTION:
+                base.set_attn_implementation(implementation)
 
-    def __enter__(self):
-        return self.model
 
-    def __exit__(self, *exc):
-        self.model.set_attn_implementation(self.previous)
-        return False
+@contextlib.contextmanager
+def use_attention(model: Any, pattern: Pattern | str, **params: Any) -> Iterator[Any]:
+    """Compute ``model``'s attention with ``pattern`` inside the block (a :class:`Pattern`, or a name and
+    its parameters); the previous attention comes back on exit. Yields the transformers model."""
+    pattern = as_pattern(pattern, **params)
+    if pattern.name != "full":
+        check_supported(model)
+    with _attached(model, AttentionState(pattern=pattern)) as base:
+        yield base
+
+
+@contextlib.contextmanager
+def attach_cache(model: Any, cache: Any) -> Iterator[dict[str, Any]]:
+    """Let ``cache`` (a :class:`sinklora.hf.cache.PolicyCache`) run ``model``'s attention steps inside the
+    block; yields the keyword arguments that hand the cache to ``generate`` / ``forward``. Any other
+    cache (transformers' own) is handed over without attaching; ``None`` yields ``{}`` (the model's own)."""
+    from sinklora.hf.cache import PolicyCache, cache_kwargs
+
+    if not isinstance(cache, PolicyCache):
+        yield {} if cache is None else cache_kwargs(cache)
+        return
+    with _attached(model, AttentionState(cache=cache)):
+        yield cache_kwargs(cache)

@@ -1,27 +1,26 @@
 """KV-cache policies as Hugging Face ``Cache`` objects: the only module that touches ``cache_utils``.
 
-Attaching is explicit: build the cache and pass it to ``generate``::
+A cache belongs to one request (one ``generate`` call, or one conversation). Its policy runs inside the
+model's attention steps, so the cache is attached to the model for the duration::
 
     cache = make_cache(model, "h2o", budget=0.2)        # 20% of the prompt, half heavy, half recent
-    out = model.generate(**inputs, max_new_tokens=64, **cache_kwargs(cache))
+    with attach_cache(model, cache) as cache_kw:         # sinklora.hf.attention
+        out = model.generate(**inputs, max_new_tokens=64, **cache_kw)
     cache.stats()                                       # seen / kept tokens, KV bytes, evictions
 
 How a step runs (one layer)::
 
-    update(k_new, v_new)   add the new tokens; return kept + new (all of it is attended to); mark the step pending
-    attention(q, k, v)     SDPA as transformers' "sdpa" (a one-token H2O step computes its probabilities
-                           itself and hands them over); then the pending layer adds this step's attention
-                           scores if its policy needs them and evicts down to the budget
+    update(k_new, v_new)   add the new tokens; return kept + new (all of it is attended to); the step is pending
+    attend(q, k, v)        SDPA as transformers' "sdpa" (a one-token H2O step computes its probabilities
+                           itself), then the policy scores the step (if it needs attention) and evicts
+                           down to the budget (``finish``)
 
 Decoding moves no cached data: once the cache is full, a one-token step leaves ``budget + 1`` slots, the
 policy names the one to drop (:meth:`KVPolicy.evict_slot`), and the next token's key and value are
 written into that slot (one scratch slot beyond the budget, never attended to while it is stale). Steps
-of several tokens (the prompt, a new chat turn) append and then gather the kept slots.
-
-Evicting layers therefore need the model's attention to go through ``ATTENTION_NAME`` (SDPA plus that
-hand-off, registered with ``AttentionInterface`` and the SDPA mask under the same name);
-:func:`make_cache` switches the model to it (:func:`prepare_model`), and a layer whose step was never
-finished refuses the next one instead of silently growing past its budget.
+of several tokens (the prompt, a new chat turn) append and then gather the kept slots. A layer whose
+step never reached :meth:`PolicyLayer.attend` (the cache was not attached) refuses the next step instead
+of silently growing past its budget.
 
 Positions: ``get_seq_length()`` is the number of tokens seen, so RoPE positions and generate's input
 slicing are those of the full cache (``positions="absolute"``, the default); ``get_mask_sizes`` reports
@@ -40,19 +39,16 @@ from __future__ import annotations
 
 import inspect
 import logging
-import threading
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from sinklora.cache.policies import KVPolicy, SlotState, Split, make_policy
+from sinklora.cache.policies import KVPolicy, SlotState, Split, check_positions, make_policy
 from sinklora.cache.scores import METHODS, accumulated_attention
+from sinklora.hf.attention import causal_attention
 
 logger = logging.getLogger(__name__)
-
-ATTENTION_NAME = "sinklora_kvcache"
-_pending = threading.local()  # the layer whose update() ran and whose attention step has not finished yet
 
 
 class PolicyLayer(DynamicLayer):
@@ -62,14 +58,16 @@ class PolicyLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, policy: KVPolicy, budget: _SharedBudget, score_method: str = "chunked",
+    def __init__(self, policy: KVPolicy, layer_idx: int = 0, num_layers: int = 1, score_method: str = "chunked",
                  inv_freq: torch.Tensor | None = None):
         super().__init__()
-        self.policy, self.budget, self.score_method = policy, budget, score_method
+        self.policy, self.layer_idx, self.num_layers, self.score_method = policy, layer_idx, num_layers, score_method
         self.inv_freq = inv_freq  # RoPE frequencies: rank positions (None: absolute)
         self._reset_state()
 
     def _reset_state(self) -> None:
+        self.split: Split | None = None  # this layer's budget, resolved on the first step (ratios of the prompt)
+        self.resolved = False
         self.seen = 0
         self.positions: torch.Tensor | None = None
         self.attention: torch.Tensor | None = None
@@ -101,11 +99,13 @@ class PolicyLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if self.step is not None:
             raise RuntimeError(
-                f"cache policy {self.policy.name!r}: the previous forward step never reached the cache's attention "
-                f"function, so nothing was evicted. The model must use attention {ATTENTION_NAME!r}: build the "
-                "cache with sinklora.hf.cache.make_cache(model, ...) or call prepare_model(model) first")
+                f"cache policy {self.policy.name!r}: the previous forward step never reached the cache's attention, "
+                "so nothing was evicted. Attach the cache while the model runs: `with "
+                "sinklora.hf.attention.attach_cache(model, cache) as kw: model.generate(..., **kw)`")
         n_new = key_states.shape[-2]
-        if self.budget.resolve(self.seen + n_new) is None:  # policy 'full': DynamicLayer's append
+        if not self.resolved:
+            self.split, self.resolved = self.policy.split(self.seen + n_new, self.layer_idx, self.num_layers), True
+        if self.split is None:  # policy 'full': DynamicLayer's append
             super().update(key_states, value_states)
             self.seen += n_new
             self._track()
@@ -134,7 +134,6 @@ class PolicyLayer(DynamicLayer):
                 zeros = torch.zeros(b, h, n_new, dtype=torch.float32, device=key_states.device)
                 self.attention = zeros if self.attention is None else torch.cat([self.attention, zeros], dim=-1)
         self.seen += n_new
-        _pending.layer = self
         return self.keys, self.values
 
     def attended_keys(self) -> torch.Tensor:
@@ -156,6 +155,26 @@ class PolicyLayer(DynamicLayer):
         rotated_half = torch.cat([-self.keys[..., half:], self.keys[..., :half]], dim=-1)  # RoPE's rotate_half
         return self.keys * cos + rotated_half * sin
 
+    def attend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               key_padding: torch.Tensor | None, scaling: float, dropout: float = 0.0) -> torch.Tensor:
+        """This step's attention over ``key``/``value`` (what :meth:`update` returned), then :meth:`finish`.
+        query (B, Hq, L, D) -> (B, L, Hq, D)."""
+        if self.step is None:  # policy 'full' (nothing to evict)
+            return causal_attention(module, query, key, value, key_padding, scaling, dropout)
+        if key_padding is not None:
+            raise ValueError(
+                f"cache policy {self.policy.name!r} got a padded batch (attention_mask has zeros): evicting caches keep "
+                "different slots per row and cannot follow padding. Pass equal-length prompts (group them by length) "
+                "or one prompt at a time; policy 'full' accepts padded batches")
+        key = self.attended_keys()
+        if self.policy.needs_attention and query.shape[-2] == 1 and not dropout:
+            out, probs = one_query_attention(query, key, value, scaling)  # every slot is in the query's past
+            self.finish(query, key, scaling, probs)
+            return out
+        out = causal_attention(module, query, key, value, None, scaling, dropout)
+        self.finish(query, key, scaling)
+        return out
+
     def finish(self, query: torch.Tensor, key: torch.Tensor, scaling: float, probs: torch.Tensor | None = None) -> None:
         """After this step's attention over ``key``: add its scores (if the policy needs them) and evict down
         to the budget. ``probs``: this step's (B, Hkv, slots) attention column sums, if the attention computed them."""
@@ -167,8 +186,9 @@ class PolicyLayer(DynamicLayer):
             if probs is None:
                 probs = accumulated_attention(query, key, scaling=scaling, past=past, method=self.score_method)
             self.attention += probs
-        split = self.budget.split
-        state = SlotState(self.keys, self.values, self.positions, self.seen, self.attention)
+        split = self.split
+        state = SlotState(self.keys, self.values, self.positions, self.seen, self.attention, query, self.layer_idx,
+                          self.num_layers)
         over = self.kept - split.total
         if over == 1:
             self.free = self.policy.evict_slot(state, split)
@@ -190,13 +210,12 @@ class PolicyLayer(DynamicLayer):
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # kept slots are all in the past of every new query: a causal mask over `kept + new` slots whose
-        # first slot is placed at `seen - kept` is exactly right (no padding: see check_no_padding)
+        # first slot is placed at `seen - kept` is exactly right (padded batches are refused in attend)
         return self.kept + query_length, self.seen - self.kept
 
     def reset(self) -> None:
         super().reset()
         self._reset_state()
-        self.budget.reset()
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(f"cache policy {self.policy.name!r} cannot be cropped (evicted tokens are gone); "
@@ -218,21 +237,6 @@ class PolicyLayer(DynamicLayer):
         self._apply_batch(lambda t: t[indices, ...])
 
 
-class _SharedBudget:
-    """The split, resolved once per cache from the first step's length (ratios are of the prompt)."""
-
-    def __init__(self, policy: KVPolicy):
-        self.policy, self.split, self.resolved = policy, None, False
-
-    def resolve(self, prompt_len: int) -> Split | None:
-        if not self.resolved:
-            self.split, self.resolved = self.policy.split(prompt_len), True
-        return self.split
-
-    def reset(self) -> None:
-        self.split, self.resolved = None, False
-
-
 class PolicyCache(Cache):
     """A ``Cache`` whose layers keep tokens by ``policy`` (see :mod:`sinklora.cache.policies`)."""
 
@@ -242,12 +246,12 @@ class PolicyCache(Cache):
             raise ValueError(f"score_method={score_method!r}: choose one of {', '.join(map(repr, METHODS))}")
         self.policy = policy
         self.positions = "absolute" if inv_freq is None else "rank"
-        self._budget = _SharedBudget(policy)
-        super().__init__(layers=[PolicyLayer(policy, self._budget, score_method, inv_freq) for _ in range(num_layers)])
+        super().__init__(layers=[PolicyLayer(policy, i, num_layers, score_method, inv_freq) for i in range(num_layers)])
 
     @property
     def split(self) -> Split | None:
-        return self._budget.split
+        """The first layer's budget split (every layer's, unless the policy budgets layers differently)."""
+        return self.layers[0].split if self.layers else None
 
     def stats(self) -> dict[str, Any]:
         """Tokens seen and kept, the budget split, KV bytes now and at most, evictions (summed over layers)."""
@@ -258,7 +262,8 @@ class PolicyCache(Cache):
             "policy": self.policy.name,
             "budget": self.policy.budget,
             "positions": self.positions,
-            "split": None if split is None else {"sinks": split.sinks, "heavy": split.heavy, "recent": split.recent},
+            "split": None if split is None else {"sink_tokens": split.sink_tokens, "heavy": split.heavy,
+                                                 "recent": split.recent},
             "seen_tokens": layers[0].seen if layers else 0,
             "kept_tokens": max((layer.kept for layer in layers), default=0),
             "max_kept_tokens": max((layer.max_kept for layer in layers), default=0),
@@ -268,46 +273,7 @@ class PolicyCache(Cache):
         }
 
 
-def check_no_padding(attention_mask: torch.Tensor | None, policy: KVPolicy) -> None:
-    """Refuse padded batches: with padding, the last query row of the causal mask is not all True."""
-    if attention_mask is None or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
-        return
-    last = attention_mask[..., -1, :]
-    ok = last.all() if last.dtype == torch.bool else (last == 0).all()
-    if not bool(ok):
-        raise ValueError(
-            f"cache policy {policy.name!r} got a padded batch (attention_mask has zeros): evicting caches keep "
-            "different slots per row and cannot follow padding. Pass equal-length prompts (group them by length) "
-            "or one prompt at a time; policy 'full' accepts padded batches")
-
-
-def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-               **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Transformers' SDPA attention, then hand the step to the cache layer that produced ``key``."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    layer = getattr(_pending, "layer", None)
-    if layer is not None and layer.keys is not key:
-        layer = None  # not this cache's keys (another model or a nested call): plain SDPA
-    if layer is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    _pending.layer = None
-    check_no_padding(attention_mask, layer.policy)
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    key = layer.attended_keys()
-    if layer.policy.needs_attention and query.shape[-2] == 1 and not (module.training and dropout):
-        out, probs = _one_query_attention(query, key, value, scaling)  # every slot is in the query's past
-        layer.finish(query, key, scaling, probs)
-        return out, None
-    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, **kwargs)
-    layer.finish(query, key, scaling)
-    return out, weights
-
-
-def _one_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+def one_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One query per head over every slot, GQA without repeating keys: the output as transformers' SDPA
     returns it, (B, 1, Hq, D), and the probabilities summed over each KV head's query group, (B, Hkv, S)."""
@@ -321,60 +287,29 @@ def _one_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     return out.reshape(b, 1, hq, d), probs.sum(dim=2)
 
 
-def register() -> str:
-    """Register the attention function and its (SDPA) mask under ``ATTENTION_NAME``; idempotent."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTENTION_NAME, _attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
-    return ATTENTION_NAME
-
-
-def prepare_model(model: Any) -> Any:
-    """Route the model's attention through ``ATTENTION_NAME`` (numerically transformers' SDPA)."""
-    register()
-    current = getattr(model.config, "_attn_implementation", None)
-    if current != ATTENTION_NAME:
-        logger.info("attention implementation %s -> %s (SDPA that feeds the KV-cache policy)", current, ATTENTION_NAME)
-        model.set_attn_implementation(ATTENTION_NAME)
-    return model
-
-
 def num_cache_layers(model: Any) -> int:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return int(config.num_hidden_layers)
 
 
 def make_cache(model: Any, policy: str | KVPolicy = "full", budget: int | float | str | None = None, *,
-               sinks: int | None = None, heavy_ratio: float | None = None, score_method: str = "chunked",
+               sink_tokens: int | None = None, heavy_ratio: float | None = None, score_method: str = "chunked",
                positions: str = "absolute") -> PolicyCache:
-    """A fresh cache for one ``generate`` call (or one conversation) under ``policy``.
+    """A fresh cache for one request (one ``generate`` call, or one conversation) under ``policy``; attach it
+    with :func:`sinklora.hf.attention.attach_cache` while the model runs.
 
-    ``policy``: a :class:`KVPolicy` or a name ('full', 'local', 'sink', 'h2o', 'snapkv'; then ``budget``, ``sinks``
-    and ``heavy_ratio`` build it). Evicting policies switch the model's attention to ``ATTENTION_NAME``.
-    ``positions``: 'absolute' (RoPE positions of the full sequence) or 'rank' (positions within the cache,
-    StreamingLLM; see the module docstring).
+    ``policy``: a :class:`KVPolicy` or a name ('full', 'local', 'sink', 'h2o', 'snapkv'; then ``budget``,
+    ``sink_tokens`` and ``heavy_ratio`` build it). ``positions``: 'absolute' (RoPE positions of the full
+    sequence) or 'rank' (positions within the cache, StreamingLLM; see the module docstring).
     """
     if isinstance(policy, str):
-        policy = make_policy(policy, budget, sinks=sinks, heavy_ratio=heavy_ratio)
-    elif budget is not None or sinks is not None or heavy_ratio is not None:
-        raise ValueError("make_cache: give budget/sinks/heavy_ratio with a policy name, not with a KVPolicy instance")
+        policy = make_policy(policy, budget, sink_tokens=sink_tokens, heavy_ratio=heavy_ratio)
+    elif budget is not None or sink_tokens is not None or heavy_ratio is not None:
+        raise ValueError("make_cache: give budget/sink_tokens/heavy_ratio with a policy name, not with a KVPolicy "
+                         "instance")
     check_positions(positions, policy.name)
     inv_freq = rope_frequencies(model) if positions == "rank" else None
-    if policy.name != "full":
-        prepare_model(model)
     return PolicyCache(policy, num_cache_layers(model), score_method=score_method, inv_freq=inv_freq)
-
-
-def check_positions(positions: str, policy: str) -> None:
-    """Refuse an unknown ``positions`` mode, or rank positions for a cache that never evicts."""
-    if positions not in ("absolute", "rank"):
-        raise ValueError(f"positions={positions!r}: choose 'absolute' (default) or 'rank' (StreamingLLM's positions "
-                         "within the cache)")
-    if positions == "rank" and policy == "full":
-        raise ValueError("positions='rank' re-rotates keys after evictions; policy 'full' never evicts: drop it, "
-                         "or pick policy 'sink', 'local', 'h2o' or 'snapkv'")
 
 
 ROTATION_ROPE_TYPES = ("default", "linear", "llama3")

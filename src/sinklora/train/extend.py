@@ -14,81 +14,22 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from sinklora.config import option, to_dict
-from sinklora.models.loading import DEFAULT_MODEL
-from sinklora.models.lora import LoraSettings
-from sinklora.train.recipe import (
-    AttentionConfig,
-    TrainingConfig,
-    build_model,
-    make_trainer,
-    prepare_output_dir,
-    train_and_save,
-)
+from sinklora import runtime
+from sinklora.config import ConfigError, to_dict
+from sinklora.data.corpora import load_documents
+from sinklora.data.packing import long_documents, pack_documents, tokenize_documents
+from sinklora.eval.passkey import run_passkey
+from sinklora.eval.perplexity import evaluate_perplexity
+from sinklora.hf.attention import use_attention
+from sinklora.models.rope import current_factor, original_length
+from sinklora.train.configs import PRESETS, EvalSettings, ExtendConfig
+from sinklora.train.recipe import build_model, make_trainer, prepare_output_dir, train_and_save
 
 logger = logging.getLogger(__name__)
-
-PRESETS = {
-    # a smoke-scale run for a 2-core CPU: it exercises every stage in minutes, it does not extend much
-    "cpu-smoke": dict(target_len=16384, train_len=1024, max_steps=6, learning_rate=2e-4, warmup_steps=2,
-                      save_steps=3, eval_length=9216, eval_docs=1, passkey_depths=[0.5], passkey_trials=1),
-    # the paper's recipe at SmolLM2 scale on one GPU: 8k -> 32k, 200 steps of 32k tokens
-    "gpu": dict(target_len=32768, train_len=32768, max_steps=200, learning_rate=2e-5, warmup_steps=20,
-                save_steps=50, eval_length=32768, eval_docs=4, passkey_depths=[0.0, 0.25, 0.5, 0.75, 1.0],
-                passkey_trials=2),
-}
-
-
-@dataclass
-class EvalSettings:
-    enabled: bool = option(True, "evaluate before and after training (full attention)")
-    length: int | None = option(None, "context length for perplexity and passkey (default: from the preset)")
-    corpus: str | None = option(None, "held-out corpus for perplexity (default: the training source)")
-    docs: int | None = option(None, "held-out documents for perplexity (default: from the preset)")
-    passkey_trials: int | None = option(None, "passkey trials per depth (default: from the preset)")
-    passkey_depths: list[float] | None = option(None, "passkey depths in [0, 1] (default: from the preset)")
-    seed: int = option(0, "passkey seed")
-
-
-@dataclass
-class ExtendConfig:
-    model: str = option(DEFAULT_MODEL, "hub id, local folder, or the default model's alias")
-    output_dir: str = option("runs/extend", "where checkpoints, the adapter and results go")
-    preset: Literal["auto", "cpu-smoke", "gpu"] = option("auto", "budget defaults: auto = gpu on CUDA, else cpu-smoke")
-    data: str = option("books", "training documents: a corpus name, a folder, a .json/.jsonl file, or hf:NAME")
-    target_len: int | None = option(None, "context length to extend to (RoPE factor = target / original)")
-    original_len: int | None = option(None, "pretraining context length (default: the model config's)")
-    rope_rounding: Literal["ceil", "exact"] = option("ceil", "RoPE factor rounding (LongLoRA: ceil)")
-    train_len: int | None = option(None, "tokens per training row (default: target_len; smaller = smoke run)")
-    attention: AttentionConfig = field(default_factory=AttentionConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    train: TrainingConfig = field(default_factory=TrainingConfig)
-    eval: EvalSettings = field(default_factory=EvalSettings)
-    resume: bool = option(False, "continue the run in output_dir from its last checkpoint")
-    overwrite: bool = option(False, "delete output_dir's previous run first")
-
-    def validate(self) -> list[str]:
-        errors = []
-        for name in ("target_len", "original_len", "train_len"):
-            value = getattr(self, name)
-            if value is not None and value < 2:
-                errors.append(f"{name}={value}: must be at least 2 tokens")
-        if self.resume and self.overwrite:
-            errors.append("resume=true and overwrite=true: choose one")
-        from sinklora.data.corpora import known_sources, source_path
-
-        if self.data not in known_sources() and not self.data.startswith("hf:"):
-            if not source_path(self.data)[0].exists():
-                errors.append(f"data={self.data!r}: not a known corpus ({', '.join(known_sources())}) nor an "
-                              "existing folder/.json/.jsonl file; give one of those or hf:NAME")
-        return errors
 
 
 def resolve_preset(cfg: ExtendConfig) -> dict:
@@ -122,9 +63,6 @@ def check_budget(cfg: ExtendConfig) -> list[str]:
 
 def training_rows(cfg: ExtendConfig, tokenizer, needed_rows: int) -> torch.Tensor:
     """Training documents (never the held-out works), tokenised once (cached), packed into rows."""
-    from sinklora.data.corpora import load_documents
-    from sinklora.data.packing import pack_documents, tokenize_documents
-
     docs = load_documents(cfg.data, "train")
     if not docs:
         raise ValueError(f"data={cfg.data!r}: no training documents found")
@@ -150,11 +88,6 @@ class _Rows(torch.utils.data.Dataset):
 
 def evaluate(model, tokenizer, e: EvalSettings, label: str) -> dict:
     """Held-out perplexity and passkey accuracy at ``e.length``, full attention."""
-    from sinklora.data.corpora import load_documents
-    from sinklora.data.packing import long_documents, tokenize_documents
-    from sinklora.eval.passkey import run_passkey
-    from sinklora.eval.perplexity import evaluate_perplexity
-
     docs = load_documents(e.corpus, "heldout")
     token_lists = tokenize_documents(docs, tokenizer)
     keep = long_documents(token_lists, e.length)[: e.docs]
@@ -200,10 +133,6 @@ def run(cfg: ExtendConfig, callbacks: list | None = None) -> dict:
     """Library entry point (``sinklora train`` calls it); ``callbacks`` go to the HF Trainer."""
     from transformers import set_seed
 
-    from sinklora.config import ConfigError
-    from sinklora.hf.attention import use_attention
-    from sinklora.models.rope import current_factor, original_length
-
     budget = resolve_preset(cfg)
     errors = check_budget(cfg)
     if errors:
@@ -215,14 +144,14 @@ def run(cfg: ExtendConfig, callbacks: list | None = None) -> dict:
                                    rope_rounding=cfg.rope_rounding, lora=cfg.lora, precision=cfg.train.precision)
     budget.update(factor=current_factor(model.config), original_len=original_length(model.config))
     tc = cfg.train
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = runtime.world_size()
     rows = training_rows(cfg, tokenizer, tc.max_steps * tc.batch_size * tc.grad_accum * world)
     do_eval = cfg.eval.enabled and world == 1
     if cfg.eval.enabled and not do_eval:
         logger.info("distributed run: skipping the built-in evaluation (run `sinklora eval ppl` afterwards)")
     before = evaluate(model, tokenizer, cfg.eval, "before") if do_eval and resume_from is None else None
     trainer = make_trainer(model, tokenizer, _Rows(rows), tc, out, tokens_per_row=cfg.train_len, callbacks=callbacks)
-    with use_attention(model, cfg.attention.pattern, **cfg.attention.params()):
+    with use_attention(model, cfg.attention.build()):
         summary = train_and_save(trainer, out, resume_from)
     after = evaluate(model, tokenizer, cfg.eval, "after") if do_eval else None
     result = {"config": to_dict(cfg), "budget": budget, "train": summary, "before": before, "after": after}
@@ -232,11 +161,3 @@ def run(cfg: ExtendConfig, callbacks: list | None = None) -> dict:
         (out / "results.md").write_text(table + "\n")
         print("\n" + table + f"\n\nadapter, results.json, results.md and loss.png are in {out}/")
     return result
-
-
-CONFIG = ExtendConfig
-
-
-def main(cfg: ExtendConfig) -> int:
-    run(cfg)
-    return 0

@@ -10,90 +10,20 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from sinklora.config import option, save_config, to_dict
-from sinklora.models.lora import LoraSettings
+from sinklora import runtime
+from sinklora.config import save_config, to_dict
+from sinklora.defaults import LEARNING_RATE, WARMUP_STEPS
+from sinklora.runtime import use_bf16
+from sinklora.settings import LoraSettings, TrainingConfig
 
 logger = logging.getLogger(__name__)
 
 RESOLVED_CONFIG = "sinklora_config.yaml"
-
-
-@dataclass
-class AttentionConfig:
-    pattern: Literal["sf", "s2", "s2_roll", "full"] = option("sf", "training attention (evaluation always uses full)")
-    group_ratio: float = option(0.25, "group size as a fraction of the training length (LongLoRA: 1/4)")
-    group_size: int | None = option(None, "group size in tokens (overrides group_ratio)")
-    sink_tokens: int | None = option(None, "global sink tokens (default 4 for sf, 0 otherwise)")
-    shifted_head_fraction: float = option(0.5, "fraction of heads whose groups are shifted by half a group")
-
-    def params(self) -> dict:
-        if self.pattern == "full":
-            return {}
-        p = {"group_size": self.group_size} if self.group_size is not None else {"group_ratio": self.group_ratio}
-        if self.sink_tokens is not None:
-            p["sink_tokens"] = self.sink_tokens
-        if self.shifted_head_fraction != 0.5:
-            p["shifted_head_fraction"] = self.shifted_head_fraction
-        return p
-
-    def check_length(self, seq_len: int) -> list[str]:
-        """Errors for these settings at a training length (group size vs length vs sinks)."""
-        from sinklora.attention import resolve_pattern
-
-        try:
-            spec = resolve_pattern(self.pattern, seq_len, 2, **self.params())
-        except ValueError as e:
-            return [f"attention: {e}"]
-        if self.pattern != "full" and spec.is_full:
-            return [f"attention.group_size resolves to {spec.group_size} >= train_len={seq_len}: "
-                    f"{self.pattern!r} would be full attention; lower group_size/group_ratio or use pattern=full"]
-        if spec.sink_tokens >= spec.group_size:
-            return [f"attention.sink_tokens={spec.sink_tokens} >= group size {spec.group_size}: sinks must be "
-                    "fewer than the tokens of a group (the paper: 4 sinks, groups of N/4)"]
-        return []
-
-
-@dataclass
-class TrainingConfig:
-    max_steps: int | None = option(None, "optimizer steps (default: the preset's for train, one epoch for sft)")
-    batch_size: int = option(1, "sequences per device per micro-batch")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    learning_rate: float | None = option(None, "peak learning rate (paper: 2e-5; default: from the preset)")
-    warmup_steps: int | None = option(None, "linear warm-up steps, then constant (paper: 20)")
-    weight_decay: float = option(0.0, "AdamW weight decay (paper: 0)")
-    precision: Literal["auto", "bf16", "fp32"] = option("auto", "auto = bf16 on a GPU that supports it, else fp32")
-    activation_checkpointing: bool = option(True, "recompute activations in backward (less memory)")
-    logging_steps: int = option(1, "log loss and tokens/s every N steps")
-    save_steps: int | None = option(None, "checkpoint every N steps (default: from the preset)")
-    save_total_limit: int = option(2, "checkpoints kept (older ones are deleted)")
-    seed: int = option(42, "random seed (data order, LoRA init)")
-    deepspeed: str | None = option(None, "DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json)")
-
-    def validate(self) -> list[str]:
-        errors = []
-        for name in ("max_steps", "batch_size", "grad_accum", "logging_steps", "save_steps", "save_total_limit"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                errors.append(f"{name}={value}: must be >= 1")
-        if self.learning_rate is not None and not 0 < self.learning_rate < 1:
-            errors.append(f"learning_rate={self.learning_rate}: must be in (0, 1), e.g. 2e-5")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            errors.append(f"warmup_steps={self.warmup_steps}: must be >= 0")
-        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
-            errors.append(f"deepspeed={self.deepspeed!r}: file not found (see configs/deepspeed/)")
-        return errors
-
-
-def use_bf16(precision: str) -> bool:
-    if precision == "bf16":
-        return True
-    return precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 # ---- the output folder ---------------------------------------------------------------------------
@@ -123,7 +53,7 @@ def prepare_output_dir(cfg: Any) -> Path | None:
 
     out = Path(cfg.output_dir)
     saved = out / RESOLVED_CONFIG
-    if not is_main_process():  # rank 0 decides (and refuses); the others must not race its writes
+    if not runtime.is_main_process():  # rank 0 decides (and refuses); the others must not race its writes
         return last_checkpoint(out) if cfg.resume and out.is_dir() else None
     if out.exists() and any(out.iterdir()):
         if cfg.overwrite:
@@ -153,12 +83,6 @@ def prepare_output_dir(cfg: Any) -> Path | None:
     return None
 
 
-def is_main_process() -> bool:
-    import os
-
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 # ---- model ---------------------------------------------------------------------------------------
 
 
@@ -169,27 +93,16 @@ def build_model(model_name: str, target_len: int, *, original_len: int | None, r
     ``adapter``: continue training a sinklora adapter (e.g. SFT after context extension); its RoPE
     record is applied first, so the extension is kept (extending again to the same length is a no-op).
     """
-    from transformers import AutoModelForCausalLM
+    from sinklora.models.loading import load_model
+    from sinklora.models.lora import apply_lora_plus
 
-    from sinklora.models.loading import load_config, load_tokenizer, resolve_model
-    from sinklora.models.lora import apply_lora_plus, quiet_peft
-    from sinklora.models.rope import extend_context
-
-    path = resolve_model(model_name)
-    config = load_config(path, adapter=adapter)
-    extend_context(config, target_len, original_len=original_len, rounding=rope_rounding)
     dtype = torch.bfloat16 if use_bf16(precision) else torch.float32
-    # RoPE tables are built at construction: the edited config must go into from_pretrained
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation="sdpa")
-    if adapter is not None:
-        from peft import PeftModel
-
-        with quiet_peft():
-            model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
-    else:
+    model, tokenizer = load_model(model_name, adapter=adapter, dtype=dtype, context_len=target_len,
+                                  original_len=original_len, rope_rounding=rope_rounding, is_trainable=True)
+    if adapter is None:
         model = apply_lora_plus(model, lora)
     model.config.use_cache = False
-    return model, load_tokenizer(path)
+    return model, tokenizer
 
 
 # ---- the Trainer ---------------------------------------------------------------------------------
@@ -202,8 +115,6 @@ def make_trainer(model, tokenizer, dataset, tcfg: TrainingConfig, output_dir: Pa
     ``tcfg.max_steps`` must be resolved (presets); ``tokens_per_row`` (tokens in one dataset item) makes
     the logged ``tokens_per_s``.
     """
-    import os
-
     from transformers import Trainer, default_data_collator
 
     from sinklora.hf.trainer import training_arguments
@@ -213,9 +124,9 @@ def make_trainer(model, tokenizer, dataset, tcfg: TrainingConfig, output_dir: Pa
         max_steps=tcfg.max_steps,
         per_device_train_batch_size=tcfg.batch_size,
         gradient_accumulation_steps=tcfg.grad_accum,
-        learning_rate=tcfg.learning_rate or 2e-5,
+        learning_rate=tcfg.learning_rate or LEARNING_RATE,
         lr_scheduler_type="constant_with_warmup",
-        warmup_steps=tcfg.warmup_steps if tcfg.warmup_steps is not None else 20,
+        warmup_steps=tcfg.warmup_steps if tcfg.warmup_steps is not None else WARMUP_STEPS,
         weight_decay=tcfg.weight_decay,
         bf16=use_bf16(tcfg.precision),
         activation_checkpointing=tcfg.activation_checkpointing,
@@ -232,8 +143,7 @@ def make_trainer(model, tokenizer, dataset, tcfg: TrainingConfig, output_dir: Pa
         deepspeed=tcfg.deepspeed,
         disable_tqdm=False,
     )
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    tokens_per_step = tokens_per_row * tcfg.batch_size * tcfg.grad_accum * world
+    tokens_per_step = tokens_per_row * tcfg.batch_size * tcfg.grad_accum * runtime.world_size()
     return Trainer(
         model=model,
         args=args,

@@ -26,135 +26,26 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from sinklora.config import option, to_dict
-from sinklora.data.instruct import FIELDS, IGNORE_INDEX, InstructCollator, build_example
-from sinklora.models.loading import DEFAULT_MODEL
-from sinklora.models.lora import LoraSettings
-from sinklora.train.recipe import (
-    AttentionConfig,
-    TrainingConfig,
-    build_model,
-    make_trainer,
-    prepare_output_dir,
-    train_and_save,
-)
+from sinklora import runtime
+from sinklora.config import ConfigError, to_dict
+from sinklora.data.instruct import IGNORE_INDEX, InstructCollator, build_example
+from sinklora.hf.attention import use_attention
+from sinklora.models.loading import load_config
+from sinklora.models.rope import current_factor, original_length
+from sinklora.train.configs import SFT_DEFAULTS, SFTConfig, check_lengths
+from sinklora.train.recipe import build_model, make_trainer, prepare_output_dir, train_and_save
 
 logger = logging.getLogger(__name__)
-
-# the paper's SFT recipe (method.md section 1); filled into train.* when left unset
-SFT_DEFAULTS = {"learning_rate": 2e-5, "warmup_steps": 20}
-# what `sinklora chat` uses by default, so the tuned model is trained on the prompts it will be served
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-
-
-@dataclass
-class TaskEvalSettings:
-    tasks: str | None = option(None, "held-out task JSON/JSONL (e.g. test.jsonl of `sinklora data tasks`): "
-                                     "exact-match accuracy before and after training; none = no evaluation")
-    limit: int | None = option(None, "evaluate only the first N records")
-    max_new_tokens: int = option(32, "most generated tokens per answer")
-    max_len: int | None = option(None, "prompt budget in tokens, inputs cut in the middle (default: max_len)")
-    before: bool = option(True, "also evaluate before training (false saves time on a resumed run)")
-
-    def validate(self) -> list[str]:
-        errors = []
-        if self.tasks is not None and not Path(self.tasks).is_file():
-            errors.append(f"tasks={self.tasks!r}: no such file; give a JSON/JSONL of instruction records "
-                          "(`sinklora data tasks` writes test.jsonl) or leave it unset")
-        for name in ("limit", "max_new_tokens", "max_len"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                errors.append(f"{name}={value}: must be >= 1")
-        return errors
-
-
-@dataclass
-class SFTConfig:
-    model: str = option(DEFAULT_MODEL, "base model (alias, local folder, hub id) or a merged `sinklora export` folder")
-    adapter: str | None = option(None, "a `sinklora train` output_dir: continue its LoRA+ adapter and extended RoPE")
-    data: str | None = option(None, "instruction data: .json list / .jsonl file, saved dataset folder, or hf:NAME[:split]")
-    columns: dict[str, str] = option(help="our field -> the data's column, e.g. {instruction: question, "
-                                          "input: context, output: answer}", factory=dict)
-    on_error: Literal["fail", "skip"] = option("fail", "invalid or unfittable records: fail the run, or skip them (counted)")
-    system_prompt: str = option(DEFAULT_SYSTEM_PROMPT, "system message of the chat template ('' = none; "
-                                                       "the Alpaca fallback template then uses Alpaca's)")
-    max_len: int | None = option(None, "longest example in tokens (default: target_len)")
-    truncate: Literal["middle", "none"] = option("middle", "over-long examples: cut the middle of `input`, or refuse")
-    target_len: int | None = option(None, "context length (RoPE); default: the adapter's RoPE record, else the model's")
-    original_len: int | None = option(None, "pretraining context length (default: the model config's)")
-    rope_rounding: Literal["ceil", "exact"] = option("ceil", "RoPE factor rounding when target_len extends the model")
-    batching: Literal["length_grouped", "packed"] = option(
-        "length_grouped", "length_grouped: padded batches of similar lengths; packed: examples concatenated "
-                          "into one row of <= max_len tokens per micro-batch (needs train.batch_size=1)")
-    attention: AttentionConfig = field(default_factory=AttentionConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    train: TrainingConfig = field(default_factory=TrainingConfig)
-    eval: TaskEvalSettings = field(default_factory=TaskEvalSettings)
-    output_dir: str = option("runs/sft", "where checkpoints, the adapter and results go")
-    resume: bool = option(False, "continue the run in output_dir from its last checkpoint")
-    overwrite: bool = option(False, "delete output_dir's previous run first")
-
-    def validate(self) -> list[str]:
-        errors = []
-        if self.data is None:
-            errors.append("data=None: give instruction data (a .json/.jsonl file, a dataset folder or hf:NAME)")
-        elif self.data.startswith("hf:"):
-            import importlib.util
-
-            if importlib.util.find_spec("datasets") is None:
-                errors.append(f"data={self.data!r}: Hugging Face datasets need the `datasets` package (pip install datasets)")
-        elif not Path(self.data).exists():
-            errors.append(f"data={self.data!r}: no such file or folder; give a .json/.jsonl file, a saved "
-                          "dataset folder or hf:NAME[:split]")
-        bad = sorted(set(self.columns) - set(FIELDS))
-        if bad:
-            errors.append(f"columns={self.columns!r}: keys {bad} are not fields; keys must be among {', '.join(FIELDS)}")
-        errors += [f"columns.{k}={v!r}: must be a non-empty column name" for k, v in self.columns.items()
-                   if not isinstance(v, str) or not v.strip()]
-        for name in ("max_len", "target_len", "original_len"):
-            value = getattr(self, name)
-            if value is not None and value < 16:
-                errors.append(f"{name}={value}: must be at least 16 tokens")
-        if self.max_len:
-            errors += check_lengths(self)
-        if self.adapter is not None:
-            if not (Path(self.adapter) / "adapter_config.json").is_file():
-                errors.append(f"adapter={self.adapter!r}: no adapter_config.json there; give a `sinklora train` output_dir")
-            elif Path(self.adapter).resolve() == Path(self.output_dir).resolve():
-                errors.append(f"adapter={self.adapter!r} is also output_dir: write the SFT run to another folder")
-        if self.batching == "packed" and self.train.batch_size != 1:
-            errors.append(f"train.batch_size={self.train.batch_size} with batching=packed: a packed micro-batch is "
-                          "one row of up to max_len tokens; set train.batch_size=1 and raise train.grad_accum")
-        if self.resume and self.overwrite:
-            errors.append("resume=true and overwrite=true: choose one")
-        return errors
-
-
-def check_lengths(cfg: SFTConfig) -> list[str]:
-    """max_len within the context, and the attention settings valid at max_len."""
-    errors = []
-    if cfg.target_len and cfg.max_len > cfg.target_len:
-        errors.append(f"max_len={cfg.max_len} > target_len={cfg.target_len}: examples cannot be longer than the "
-                      "context; raise target_len or lower max_len")
-    return errors + cfg.attention.check_length(cfg.max_len)
-
 
 def resolve_defaults(cfg: SFTConfig) -> dict:
     """Fill ``target_len`` (adapter's RoPE record, else the model's), ``max_len``, ``eval.max_len`` and the
     SFT training defaults; check lengths against the attention settings. Reads configs only."""
-    from sinklora.config import ConfigError
-    from sinklora.models.loading import load_config
-    from sinklora.models.rope import current_factor, original_length
-
     config = load_config(cfg.model, adapter=cfg.adapter)
     cfg.target_len = cfg.target_len or int(config.max_position_embeddings)
     cfg.max_len = cfg.max_len or cfg.target_len
@@ -278,8 +169,6 @@ def evaluate_tasks(model, tokenizer, records: list[dict], *, system_prompt: str 
     both through :func:`normalize_answer`. Prompts are built as in training, inputs cut to ``max_len``."""
     from tqdm.auto import tqdm
 
-    from sinklora.hf.attention import use_attention
-
     stop, device = _stop_ids(tokenizer, system_prompt), next(model.parameters()).device
     greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     was_training, rows = model.training, []
@@ -337,14 +226,13 @@ def run(cfg: SFTConfig, callbacks: list | None = None) -> dict:
     from transformers import set_seed
 
     from sinklora.data.instruct import load_instructions
-    from sinklora.hf.attention import use_attention
     from sinklora.models.loading import load_tokenizer, resolve_model
 
     budget = resolve_defaults(cfg)
     tokenizer = load_tokenizer(resolve_model(cfg.model))
     examples = load_examples(cfg, tokenizer)  # every record is checked before the output folder or model
     batches = make_batches(examples, cfg)
-    tc, world = cfg.train, int(os.environ.get("WORLD_SIZE", "1"))
+    tc, world = cfg.train, runtime.world_size()
     tc.max_steps = tc.max_steps or math.ceil(len(batches) / (tc.grad_accum * world))  # default: one epoch
     task_records = None
     if cfg.eval.tasks:
@@ -368,7 +256,7 @@ def run(cfg: SFTConfig, callbacks: list | None = None) -> dict:
                            tokens_per_row=round(sum(lengths) / len(batches)),
                            collator=SFTCollator(tokenizer.pad_token_id, packed=cfg.batching == "packed"),
                            callbacks=callbacks)
-    with use_attention(model, cfg.attention.pattern, **cfg.attention.params()):
+    with use_attention(model, cfg.attention.build()):
         summary = train_and_save(trainer, out, resume_from)
     after = evaluate_tasks(model, tokenizer, task_records, label="after", **kw) if do_eval else None
     result = {"config": to_dict(cfg), "budget": budget, "data": data, "train": summary, "before": before, "after": after}
@@ -379,11 +267,3 @@ def run(cfg: SFTConfig, callbacks: list | None = None) -> dict:
         print("\n" + table + f"\n\nadapter, results.json and loss.png are in {out}/; chat with: sinklora chat "
               f"model={cfg.model} adapter={out}")
     return result
-
-
-CONFIG = SFTConfig
-
-
-def main(cfg: SFTConfig) -> int:
-    run(cfg)
-    return 0

@@ -4,7 +4,7 @@ From one base model and one training budget, trains one LoRA+ adapter per attent
 ``s2``, ``sf``; optionally ``s2_roll`` and ``sf`` variants such as ``sf:sink_tokens=8``), then
 evaluates the untrained base (position interpolation only) and every adapter with *full* attention
 at the target length on the same held-out documents. Reports perplexity, passkey accuracy, training
-time, peak memory and the perplexity improvement ratio (method.md section 2)::
+time, peak memory and the perplexity improvement ratio (docs/method.md §4)::
 
     improvement_ratio(m) = (ppl_base - ppl_m) / (ppl_base - ppl_full)
 
@@ -13,70 +13,25 @@ The paper reports S2-Attn 39% and SF-Attn 92%. Writes compare.md, compare.json a
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-import torch
-
-from sinklora.config import ConfigError, load_config, option, to_dict
-from sinklora.models.loading import DEFAULT_MODEL
-from sinklora.models.lora import LoraSettings
-from sinklora.train.extend import EvalSettings, ExtendConfig, evaluate, resolve_preset
-from sinklora.train.recipe import AttentionConfig, TrainingConfig
+from sinklora import runtime
+from sinklora.config import to_dict
+from sinklora.eval.plots import pyplot, save_figure
+from sinklora.eval.results import run_metadata
+from sinklora.models.loading import load_model
+from sinklora.train import extend
+from sinklora.train.configs import CompareConfig, ExtendConfig, method_attention
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class CompareConfig:
-    model: str = option(DEFAULT_MODEL, "base model (hub id, folder, or the default alias)")
-    output_dir: str = option("runs/compare", "one sub-folder per method, plus the report")
-    preset: Literal["auto", "cpu-smoke", "gpu"] = option("auto", "budget defaults (see `sinklora train --help`)")
-    data: str = option("books", "training documents (the held-out split is evaluated)")
-    target_len: int | None = option(None, "context length to extend to")
-    original_len: int | None = option(None, "pretraining context length (default: the model config's); a smaller "
-                                            "value makes a proxy experiment at short lengths (CPU)")
-    train_len: int | None = option(None, "tokens per training row (default: target_len)")
-    methods: list[str] = option(factory=lambda: ["full", "s2", "sf"],
-                                help="attention methods; a variant adds settings: sf:sink_tokens=8,shifted_head_fraction=0")
-    attention: AttentionConfig = field(default_factory=AttentionConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    train: TrainingConfig = field(default_factory=TrainingConfig)
-    eval: EvalSettings = field(default_factory=EvalSettings)
-    overwrite: bool = option(False, "retrain methods whose folder already holds a run")
-
-    def validate(self) -> list[str]:
-        errors = []
-        if "full" not in [m.split(":")[0] for m in self.methods]:
-            errors.append(f"methods={self.methods}: include 'full' (the improvement ratio is relative to it)")
-        for m in self.methods:
-            try:
-                method_attention(self.attention, m)
-            except (ConfigError, ValueError) as e:
-                errors.append(f"methods entry {m!r}: {e}")
-        if len(set(self.methods)) != len(self.methods):
-            errors.append(f"methods={self.methods}: an entry appears twice")
-        return errors
-
-
-def method_attention(base: AttentionConfig, method: str) -> AttentionConfig:
-    """``"sf:sink_tokens=8,group_ratio=0.125"`` -> AttentionConfig(pattern="sf", ...), other fields from base."""
-    pattern, _, extra = method.partition(":")
-    overrides = {"pattern": pattern}
-    for item in filter(None, extra.split(",")):
-        key, _, value = item.partition("=")
-        overrides[key.strip()] = value.strip()
-    merged = {**to_dict(base), **{k: v for k, v in overrides.items()}}
-    return load_config(AttentionConfig, overrides=[f"{k}={v}" for k, v in merged.items() if v is not None])
-
-
-def _slug(method: str) -> str:
-    return method.replace(":", "_").replace(",", "_").replace("=", "")
+def method_dir(cfg: CompareConfig, method: str) -> Path:
+    """The run folder of one method, named by its pattern's key (``sf``, ``sf-s8``, ...)."""
+    return Path(cfg.output_dir) / method_attention(cfg.attention, method).build().key
 
 
 def improvement_ratio(ppl_base: float, ppl_method: float, ppl_full: float) -> float | None:
@@ -85,19 +40,13 @@ def improvement_ratio(ppl_base: float, ppl_method: float, ppl_full: float) -> fl
 
 
 def run(cfg: CompareConfig) -> dict:
-    from sinklora.eval.results import run_metadata
-    from sinklora.models.loading import load_model
-    from sinklora.train import extend
-
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     trained = {}
     for method in cfg.methods:
-        ecfg = ExtendConfig(model=cfg.model, output_dir=str(out / _slug(method)), preset=cfg.preset, data=cfg.data,
-                            target_len=cfg.target_len, original_len=cfg.original_len, train_len=cfg.train_len,
-                            attention=method_attention(cfg.attention, method), lora=copy.deepcopy(cfg.lora),
-                            train=copy.deepcopy(cfg.train), eval=EvalSettings(enabled=False))
+        ecfg = cfg.extension(method, str(method_dir(cfg, method)))
+        ecfg.eval.enabled = False  # every method is evaluated below, on the same documents
         done = Path(ecfg.output_dir) / "results.json"
         if done.is_file() and not cfg.overwrite:
             logger.info("%s: reusing the finished run in %s (overwrite=true retrains)", method, ecfg.output_dir)
@@ -106,18 +55,17 @@ def run(cfg: CompareConfig) -> dict:
             ecfg.overwrite = Path(ecfg.output_dir).exists()
             trained[method] = extend.run(ecfg)
     budget = trained[cfg.methods[0]]["budget"]
-    probe = ExtendConfig(model=cfg.model, preset=cfg.preset, data=cfg.data, target_len=cfg.target_len,
-                         original_len=cfg.original_len, train_len=cfg.train_len, train=copy.deepcopy(cfg.train), eval=copy.deepcopy(cfg.eval))
-    resolve_preset(probe)  # the same evaluation settings as a `sinklora train` run would use
+    probe = cfg.extension("full", str(out))
+    extend.resolve_preset(probe)  # the same evaluation settings as a `sinklora train` run would use
     e = probe.eval
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    device = "cuda" if torch.cuda.is_available() else None
+    dtype = "bfloat16" if runtime.use_bf16("auto") else "float32"
 
     def _eval(label: str, adapter: str | None) -> dict:
-        model, tok = load_model(cfg.model, adapter=adapter, context_len=probe.target_len if adapter is None else None,
-                                original_len=cfg.original_len if adapter is None else None, dtype=dtype, device=device)
+        extension = {} if adapter is not None else {"context_len": probe.target_len, "original_len": cfg.original_len,
+                                                     "rope_rounding": cfg.rope_rounding}
+        model, tok = load_model(cfg.model, adapter=adapter, dtype=dtype, device="auto", **extension)
         t0 = time.perf_counter()
-        res = evaluate(model, tok, e, label)
+        res = extend.evaluate(model, tok, e, label)
         res["eval_seconds"] = round(time.perf_counter() - t0, 1)
         del model
         return res
@@ -125,7 +73,7 @@ def run(cfg: CompareConfig) -> dict:
     base = _eval("base (PI only)", None)
     rows.append({"method": "base (PI only)", **base, "train_seconds": None, "peak_gpu_gib": None})
     for method in cfg.methods:
-        res = _eval(method, str(out / _slug(method)))
+        res = _eval(method, str(method_dir(cfg, method)))
         summary = trained[method]["train"]
         rows.append({"method": method, **res, "train_seconds": summary["train_seconds"],
                      "peak_gpu_gib": summary["peak_gpu_gib"], "last_loss": summary["last_loss"],
@@ -159,9 +107,7 @@ def compare_table(rows: list[dict], budget: dict, probe: ExtendConfig) -> str:
 
 
 def _plot(rows: list[dict], path: Path, length: int) -> None:
-    from sinklora.eval.plots import _pyplot, _save
-
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     names = [r["method"] for r in rows]
     ax.bar(names, [r["ppl"] for r in rows], color=["tab:gray"] + ["tab:blue"] * (len(rows) - 1))
@@ -170,12 +116,4 @@ def _plot(rows: list[dict], path: Path, length: int) -> None:
             ax.text(i, r["ppl"], f"{r['improvement_ratio']:.0%}", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel(f"perplexity @ {length} tokens (full attention)")
     ax.set_title("held-out perplexity by training attention (label: improvement ratio)")
-    _save(fig, path)
-
-
-CONFIG = CompareConfig
-
-
-def main(cfg: CompareConfig) -> int:
-    run(cfg)
-    return 0
+    save_figure(fig, path)
