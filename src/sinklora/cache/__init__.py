@@ -1,4 +1,4 @@
-"""KV-cache policies for inference (method.md section 3): full, local, sink (StreamingLLM), h2o,
+"""KV-cache policies for inference (docs/method.md §3): full, local, sink (StreamingLLM), h2o,
 snapkv (H2O scored by the prompt's last queries).
 
 The policies are plain torch (:mod:`sinklora.cache.policies`, :mod:`sinklora.cache.scores`); the

@@ -1,4 +1,4 @@
-"""KV-cache policies (method.md section 3): which cached key/value slots survive each step.
+"""KV-cache policies (docs/method.md §3): which cached key/value slots survive each step.
 
 A policy is one small class; the one method to write is :meth:`KVPolicy.score` (higher is kept).
 Everything else (budgets, the protected sink and recent windows, top-k, gathering) lives in the

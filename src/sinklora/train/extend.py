@@ -1,6 +1,6 @@
 """Extend a model's context window: position interpolation + LoRA+ + SF-Attn on long documents.
 
-The recipe (method.md section 1): linear RoPE interpolation to ``target_len``, LoRA on q/k/v/o with
+The recipe (docs/method.md §1): linear RoPE interpolation to ``target_len``, LoRA on q/k/v/o with
 trainable embeddings and norms, sparse training attention (``sf`` by default), continued pretraining
 on long documents packed into rows of ``train_len`` tokens. Before and after training, the model is
 evaluated with full attention on held-out documents (perplexity) and passkey retrieval at
