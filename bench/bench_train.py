@@ -23,8 +23,7 @@ PATTERNS = ("full", "s2", "sf")
 
 
 def build(name: str, target_len: int, kv_heads: int | None, device: str):
-    from sinklora.models.lora import apply_lora_plus
-    from sinklora.settings import LoraSettings
+    from sinklora.models.lora import LoraSettings, apply_lora_plus
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if name == "llama2-7b-random":

@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, LlamaForC
 
 from conftest import tiny_llama, tiny_llama_config, tiny_tokenizer
 from sinklora.models import export, loading, lora, rope
+from sinklora.models.lora import LoraSettings
 
 # ---------------------------------------------------------------- helpers
 
@@ -69,7 +70,7 @@ def trained_adapter(tmp_path):
     """base folder (tiny Llama, tied), an extended-context LoRA+ model trained a few steps, its adapter folder."""
     base = _save_base(tmp_path / "base")
     model, _ = loading.load_model(base, context_len=700)  # factor ceil(700 / 256) = 3
-    peft_model = lora.apply_lora_plus(model, lora.LoraSettings())
+    peft_model = lora.apply_lora_plus(model, LoraSettings())
     _train(peft_model)
     adapter = lora.save_adapter(peft_model, tmp_path / "adapter")
     return base, peft_model, adapter
@@ -175,7 +176,7 @@ def _expected_trainable(num_layers: int, targets: list[str]) -> set[str]:
 @pytest.mark.parametrize("tied", [True, False])
 def test_lora_plus_trainable_set_and_saved_keys(tmp_path, tied):
     model = tiny_llama(tie_word_embeddings=tied)
-    peft_model = lora.apply_lora_plus(model, lora.LoraSettings())
+    peft_model = lora.apply_lora_plus(model, LoraSettings())
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert trainable == _expected_trainable(2, targets)
@@ -194,7 +195,7 @@ def test_lora_plus_trainable_set_and_saved_keys(tmp_path, tied):
 
 
 def test_plain_lora_trains_with_checkpointing():
-    settings = lora.LoraSettings(trainable_extra=[])
+    settings = LoraSettings(trainable_extra=[])
     peft_model = lora.apply_lora_plus(tiny_llama(), settings)
     assert all(".lora_" in n for n, p in peft_model.named_parameters() if p.requires_grad)
     with warnings.catch_warnings():  # deprecated in 5.24, but 5.17 has no activation_checkpointing_enable
@@ -233,12 +234,12 @@ def test_adapter_reloads_with_plain_peft(trained_adapter):
 
 
 def test_lora_settings_validation():
-    errors = lora.LoraSettings(r=0, alpha=0, dropout=1.0, target_modules=[]).validate()
+    errors = LoraSettings(r=0, alpha=0, dropout=1.0, target_modules=[]).validate()
     assert len(errors) == 4 and errors[0].startswith("r=0")
     with pytest.raises(ValueError, match="'qkv_proj' matches no module"):
-        lora.apply_lora_plus(tiny_llama(), lora.LoraSettings(target_modules=["qkv_proj"]))
+        lora.apply_lora_plus(tiny_llama(), LoraSettings(target_modules=["qkv_proj"]))
     with pytest.raises(ValueError, match="'layer_norm' matches no module"):
-        lora.apply_lora_plus(tiny_llama(), lora.LoraSettings(trainable_extra=["embed_tokens", "layer_norm"]))
+        lora.apply_lora_plus(tiny_llama(), LoraSettings(trainable_extra=["embed_tokens", "layer_norm"]))
 
 
 # ---------------------------------------------------------------- export

@@ -54,38 +54,6 @@ class ModelOptions:
 
 
 @dataclass
-class LoraSettings:
-    r: int = option(8, "LoRA rank")
-    alpha: float = option(16.0, "LoRA alpha (the update is scaled by alpha / r)")
-    dropout: float = option(0.0, "dropout on the LoRA input")
-    target_modules: list[str] = option(
-        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        help="module names (last path component) that get LoRA adapters",
-    )
-    trainable_extra: list[str] = option(
-        factory=lambda: ["embed_tokens", "norm"],
-        help="module name suffixes trained fully and saved with the adapter (LoRA+: embeddings and every norm); "
-        "[] for plain LoRA",
-    )
-
-    def validate(self) -> list[str]:
-        errors = []
-        if self.r < 1:
-            errors.append(f"r={self.r}: the LoRA rank must be >= 1 (the paper uses 8)")
-        if self.alpha <= 0:
-            errors.append(f"alpha={self.alpha}: must be > 0 (the paper uses 16)")
-        if not 0.0 <= self.dropout < 1.0:
-            errors.append(f"dropout={self.dropout}: must be in [0, 1) (the paper uses 0)")
-        if not self.target_modules:
-            errors.append("target_modules=[]: name at least one module, e.g. [q_proj, k_proj, v_proj, o_proj]")
-        for name in ("target_modules", "trainable_extra"):
-            bad = [m for m in getattr(self, name) if not m or m != m.strip()]
-            if bad:
-                errors.append(f"{name}={getattr(self, name)!r}: empty or padded module names {bad!r}")
-        return errors
-
-
-@dataclass
 class AttentionConfig:
     """The training attention pattern (docs/method.md §2); evaluation always uses full attention."""
 

@@ -13,7 +13,8 @@ from typing import Literal
 
 from sinklora.config import ConfigError, load_config, option, to_dict
 from sinklora.defaults import DEFAULT_MODEL, DEFAULT_SYSTEM_PROMPT, LEARNING_RATE, WARMUP_STEPS
-from sinklora.settings import AttentionConfig, LoraSettings, TrainingConfig
+from sinklora.models.lora import LoraSettings
+from sinklora.settings import AttentionConfig, TrainingConfig
 
 # the paper's SFT recipe (docs/method.md §1); filled into train.* when left unset
 SFT_DEFAULTS = {"learning_rate": LEARNING_RATE, "warmup_steps": WARMUP_STEPS}

@@ -19,7 +19,8 @@ from sinklora import runtime
 from sinklora.config import save_config, to_dict
 from sinklora.defaults import LEARNING_RATE, WARMUP_STEPS
 from sinklora.runtime import use_bf16
-from sinklora.settings import LoraSettings, TrainingConfig
+from sinklora.models.lora import LoraSettings
+from sinklora.settings import TrainingConfig
 
 logger = logging.getLogger(__name__)
 
