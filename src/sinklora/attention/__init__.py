@@ -13,8 +13,7 @@ import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from sinklora._lazy import lazy_exports
 
 _EXPORTS = {
     "Pattern": "pattern",
@@ -29,9 +28,4 @@ _EXPORTS = {
     "choose_backend": "backends",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -7,8 +7,7 @@ Submodules are imported on use; the main entry points are re-exported lazily:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from sinklora._lazy import lazy_exports
 
 _EXPORTS = {
     "evaluate_perplexity": "perplexity",
@@ -19,9 +18,4 @@ _EXPORTS = {
     "make_prompt": "passkey",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

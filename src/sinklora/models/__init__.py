@@ -5,8 +5,7 @@ Names are re-exported lazily so ``import sinklora.models`` stays cheap.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from sinklora._lazy import lazy_exports
 
 _EXPORTS = {
     "resolve_model": "loading",
@@ -21,9 +20,4 @@ _EXPORTS = {
 }
 
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
