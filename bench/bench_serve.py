@@ -12,7 +12,7 @@ streamed (``stream_options.include_usage``), and records per request:
 - the server's cache stats (kept / seen tokens, KV MiB) from the last chunk.
 Every request has a timeout and the number of requests is fixed (rounds x settings x clients).
 
-CPU (~3 min on 2 shared cores): python bench/bench_serve.py --clients 4 --prompt-tokens 1024 --max-tokens 48
+CPU (~10 min on 2 shared cores): python bench/bench_serve.py --clients 4 --rounds 2 --threads 1
 Writes ``results.json`` and ``results.md`` to ``--out``.
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import re
 import select
 import signal
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--policy", default="snapkv", help="the compressed cache's policy")
     p.add_argument("--budget", default="0.2", help="its budget (a ratio of the prompt, or tokens)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request, queueing included")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the server (OMP_NUM_THREADS); 1 on a shared CPU, where 2 threads ran "
+                        "4-6x slower (their OpenMP barriers wait on a descheduled partner)")
     p.add_argument("--out", default="outputs/bench_serve")
     return p.parse_args(argv)
 
@@ -52,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "sinklora.cli", "serve", f"model={args.model}", f"device={args.device}", "port=0",
            f"max_queue={args.clients}", f"request_timeout={args.timeout}", f"max_new_tokens={args.max_tokens}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         ready, _, _ = select.select([proc.stdout], [], [], 5)
@@ -158,7 +163,8 @@ def to_markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         return "-" if v is None else f"{v:.{d}f}" if isinstance(v, float) else str(v)
 
     lines = [f"{args.clients} concurrent streaming clients x {args.rounds} rounds, ~{args.prompt_tokens}-token prompts, "
-             f"max_tokens={args.max_tokens}, model {args.model} on {args.device}", "",
+             f"max_tokens={args.max_tokens}, model {args.model} on {args.device}"
+             + (f", {args.threads} torch thread(s)" if args.threads else ""), "",
              "| cache | requests (failed) | TTFT p50 s | TTFT p95 s | tokens/s per stream (p50) | total tokens/s | "
              "KV kept / seen tokens | KV MiB |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -77,7 +77,9 @@ def test_raw_stream_is_server_sent_events_without_empty_pieces(server):
 
 def test_completions_route_and_stop_strings(client, server):
     res = client.completions.create(model="tiny", prompt="abc", max_tokens=6)
-    assert res.object == "text_completion" and res.usage.prompt_tokens == 3 and len(res.choices[0].text) > 0
+    assert res.object == "text_completion" and res.usage.prompt_tokens == 3 and res.choices[0].text == "cccccc"
+    chunks = list(client.completions.create(model="tiny", prompt="abc", max_tokens=6, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == "cccccc" and chunks[-1].choices[0].finish_reason == "length"
     whole = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "q"}], max_tokens=N)
     text = whole.choices[0].message.content
     stop = text[2:4]
@@ -119,6 +121,10 @@ def test_oversize_prompt_is_refused_naming_both_numbers(server, client):
     assert e.value.body["code"] == "context_length_exceeded" and "max_tokens=100" in message and "1024" in message
     status, _, _ = request(server[0], "POST", "/v1/completions", {"prompt": "y" * 5000})
     assert status == 400
+    t0 = time.monotonic()  # the 1 MB message: refused after tokenising, the model never runs
+    status, _, raw = request(server[0], "POST", "/v1/chat/completions",
+                             {"messages": [{"role": "user", "content": "z" * 2**20}]})
+    assert status == 400 and "1024" in json.loads(raw)["error"]["message"] and time.monotonic() - t0 < 30
     assert health(server[0])["running"] is None
 
 

@@ -194,7 +194,7 @@ class SessionOptions(ModelOptions, CacheOptions):
     max_new_tokens: int = option(256, "most tokens per reply")
     temperature: float = option(0.0, "0 = greedy; > 0 samples")
     top_p: float = option(1.0, "nucleus sampling mass (with temperature > 0)")
-    seed: int = option(0, "sampling seed")
+    seed: int = option(0, "sampling seed (`chat`; a server request gives its own, else a random one)")
     prefill_chunk: int = option(512, "prompt tokens per forward step; Ctrl-C or a client's disconnect stops "
                                      "generation between two steps")
 

@@ -12,7 +12,7 @@ from sinklora.settings import ServerOptions, SessionOptions
 
 
 @dataclass
-class ServeConfig(SessionOptions, ServerOptions):
+class ServeConfig(ServerOptions, SessionOptions):
     """Model, default cache policy and decoding (``SessionOptions``), and where and how to listen."""
 
     def validate(self) -> list[str]:

@@ -67,6 +67,8 @@ const markdown = (() => {
         list.append(li);
       } else if (!line.trim()) {
         endPara(); list = null;
+      } else if (list && /^\s/.test(line)) {  // an indented line continues the list item above
+        inline(list.lastElementChild, " " + line.trim());
       } else {
         list = null;
         para.push(line);
