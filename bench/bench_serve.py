@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request, queueing included")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of the server (OMP_NUM_THREADS); 1 on a shared CPU, where 2 threads ran "
-                        "4-6x slower (their OpenMP barriers wait on a descheduled partner)")
+                        "4-5x slower (their OpenMP barriers wait on a descheduled partner)")
     p.add_argument("--out", default="outputs/bench_serve")
     return p.parse_args(argv)
 
@@ -165,10 +165,12 @@ def to_markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [f"{args.clients} concurrent streaming clients x {args.rounds} rounds, ~{args.prompt_tokens}-token prompts, "
              f"max_tokens={args.max_tokens}, model {args.model} on {args.device}"
              + (f", {args.threads} torch thread(s)" if args.threads else ""), "",
-             "| cache | requests (failed) | TTFT p50 s | TTFT p95 s | tokens/s per stream (p50) | total tokens/s | "
-             "KV kept / seen tokens | KV MiB |", "|---|---|---|---|---|---|---|---|"]
+             "| cache | requests (failed) | prompt / reply tokens (mean) | TTFT p50 s | TTFT p95 s | "
+             "tokens/s per stream (p50) | total tokens/s | KV kept / seen tokens | KV MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['cache']} | {r['requests']} ({r['failed']}) | {f(r['ttft_p50_s'])} | {f(r['ttft_p95_s'])} | "
+        lines.append(f"| {r['cache']} | {r['requests']} ({r['failed']}) | {r['prompt_tokens_mean']:.0f} / "
+                     f"{r['completion_tokens_mean']:.1f} | {f(r['ttft_p50_s'])} | {f(r['ttft_p95_s'])} | "
                      f"{f(r['stream_tokens_per_s_p50'], 1)} | {f(r['total_tokens_per_s'], 1)} | {r['kept_of_seen']} | "
                      f"{f(r['kv_mib_mean'])} |")
     return "\n".join(lines) + "\n"
