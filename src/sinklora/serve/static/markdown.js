@@ -61,7 +61,11 @@ const markdown = (() => {
       } else if (item) {
         endPara();
         const kind = item[1] ? "ol" : "ul";
-        if (!list || list.tagName.toLowerCase() !== kind) { list = el(kind); parent.append(list); }
+        if (!list || list.tagName.toLowerCase() !== kind) {
+          list = el(kind);
+          if (item[1]) list.start = Number(item[1]);  // "2." after a paragraph continues the numbering
+          parent.append(list);
+        }
         const li = el("li");
         inline(li, item[2]);
         list.append(li);
