@@ -162,10 +162,14 @@ class SessionOptions(ModelOptions, CacheOptions):
     max_new_tokens: int = option(256, "most tokens per reply")
     temperature: float = option(0.0, "0 = greedy; > 0 samples")
     top_p: float = option(1.0, "nucleus sampling mass (with temperature > 0)")
-    seed: int = option(0, "sampling seed")
+    seed: int = option(0, "sampling seed (`chat`; a server request gives its own, else a random one)")
+    prefill_chunk: int = option(512, "prompt tokens per forward step; Ctrl-C or a client's disconnect stops "
+                                     "generation between two steps")
 
     def validate(self) -> list[str]:
         errors = ModelOptions.validate(self) + CacheOptions.validate(self)
+        if self.prefill_chunk < 1:
+            errors.append(f"prefill_chunk={self.prefill_chunk}: must be >= 1 token (e.g. 512)")
         if self.context is not None and not Path(self.context).is_file():
             errors.append(f"context={self.context!r}: no such file; give a text file or omit it")
         if self.max_new_tokens < 1:
@@ -174,6 +178,75 @@ class SessionOptions(ModelOptions, CacheOptions):
             errors.append(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:
             errors.append(f"top_p={self.top_p}: must be in (0, 1]")
+        return errors
+
+
+API_KEY_ENV = "SINKLORA_API_KEY"
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1); brackets around IPv6 allowed."""
+    import ipaddress
+
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class ServerOptions:
+    """Where ``sinklora serve`` listens, whom it answers, and how much it takes on."""
+
+    host: str = option("127.0.0.1", "address to listen on; loopback by default (others need allow_remote=true "
+                                    "and an api_key)")
+    port: int = option(8000, "TCP port; 0 picks a free one")
+    allow_remote: bool = option(False, "allow a non-loopback host (then api_key is required)")
+    api_key: str | None = option(None, f"Bearer key every /v1 route requires (default: ${API_KEY_ENV} if set); "
+                                       "required beyond loopback")
+    allowed_hosts: list[str] = option(factory=list, help="Host header names accepted besides loopback ones and the "
+                                      "bound address (DNS-rebinding guard); ['*'] accepts any")
+    allowed_origins: list[str] = option(factory=list, help="browser origins allowed to call the API from other "
+                                        "pages, e.g. [http://localhost:3000]; [] = the server's own page only")
+    max_queue: int = option(8, "requests waiting for the model; more are answered 429 with Retry-After")
+    max_body_bytes: int = option(4 * 2**20, "largest request body accepted (bytes); larger ones get 413")
+    request_timeout: float = option(600.0, "seconds a request may take, queueing included; then it is stopped")
+    max_requests: int = option(0, "stop after this many HTTP requests (0 = run until Ctrl-C); for scripts/tests")
+
+    def key(self) -> str | None:
+        """The API key: ``api_key``, else the environment's ``$SINKLORA_API_KEY``, else None."""
+        import os
+
+        return self.api_key or os.environ.get(API_KEY_ENV) or None
+
+    def validate(self) -> list[str]:
+        errors = []
+        if not self.host.strip():
+            errors.append("host='': give an address to listen on, e.g. 127.0.0.1")
+        elif not is_loopback(self.host):
+            if not self.allow_remote:
+                errors.append(f"host={self.host!r}: not a loopback address; set allow_remote=true (and an api_key) "
+                              "to expose the server, or keep host=127.0.0.1")
+            if not self.key():
+                errors.append(f"host={self.host!r}: a server reachable beyond this machine needs an API key; set "
+                              f"api_key=... or ${API_KEY_ENV}")
+            if self.host.strip("[]") in ("0.0.0.0", "::") and not self.allowed_hosts:
+                errors.append(f"host={self.host!r} listens on every address: name the host names clients use in "
+                              "allowed_hosts (e.g. [myserver.lan, 192.168.1.5]), or allowed_hosts=['*']")
+        if not 0 <= self.port <= 65535:
+            errors.append(f"port={self.port}: must be in 0..65535 (0 = any free port)")
+        bad = [o for o in self.allowed_origins if "://" not in o or o.endswith("/") or o.strip() == "*"]
+        if bad:
+            errors.append(f"allowed_origins={bad!r}: give origins as scheme://host[:port] without a path, e.g. "
+                          "http://localhost:3000")
+        for name, low in (("max_queue", 0), ("max_body_bytes", 1024), ("max_requests", 0)):
+            if getattr(self, name) < low:
+                errors.append(f"{name}={getattr(self, name)}: must be >= {low}")
+        if not self.request_timeout > 0:
+            errors.append(f"request_timeout={self.request_timeout}: must be > 0 seconds")
         return errors
 
 

@@ -27,6 +27,8 @@ CONFIG = ChatConfig
 
 def format_stats(stats: dict[str, Any]) -> str:
     c, last = stats["cache"], stats["last_reply"]
+    if c is None:
+        return "no reply yet"
     split = c["split"]
     policy = f" budget={c['budget']} split={split} positions={c['positions']}" if split else ""
     lines = [f"cache: {c['policy']}{policy}",
@@ -34,18 +36,21 @@ def format_stats(stats: dict[str, Any]) -> str:
              f"evicted {c['evicted_tokens']} (summed over layers)",
              f"  KV memory {c['kv_bytes'] / 2**20:.2f} MiB (max after a step {c['max_kv_bytes'] / 2**20:.2f} MiB)"]
     if last:
-        lines.append(f"last reply: {last['new_tokens']} tokens for a {last['prompt_tokens']}-token prompt in "
-                     f"{last['seconds']} s (first token {last['first_token_s']} s, "
+        lines.append(f"last reply: {last['completion_tokens']} tokens for a {last['prompt_tokens']}-token prompt in "
+                     f"{last['seconds']} s (first token {last['time_to_first_token_s']} s, "
                      f"{last['decode_tokens_per_s']} tokens/s after it)")
     return "\n".join(lines)
 
 
 def _reply(session: Any, text: str) -> None:
+    pieces = session.stream(text)
     try:
-        for piece in session.stream(text):
+        for piece in pieces:
             print(piece, end="", flush=True)
     except KeyboardInterrupt:
         print(" [stopped]", end="")
+    finally:
+        pieces.close()  # records what was said, now rather than at garbage collection
     print(flush=True)
 
 
