@@ -192,11 +192,14 @@ def _runs(assets: Path, out: Path) -> dict[str, list]:
     train = {"data": str(assets / "text"), "target_len": 256, "train_len": 128, "eval": {"enabled": False},
              "train": {"max_steps": STEPS, "learning_rate": 5e-3, "warmup_steps": 0, "save_steps": STEPS, "seed": 3}}
 
-    def cfg(base, model, output, **sections):
+    def cfg(base, model, output, **changes):
         c = copy.deepcopy(base)
         c.update(model=str(assets / model), output_dir=str(out / output))
-        for key, value in sections.items():
-            c.setdefault(key, {}).update(value) if isinstance(value, dict) else c.__setitem__(key, value)
+        for key, value in changes.items():  # a section's keys are merged, other values replaced
+            if isinstance(value, dict):
+                c.setdefault(key, {}).update(value)
+            else:
+                c[key] = value
         return c
 
     first_half = cfg(train, "gqa", "sf", attention={"pattern": "sf", "group_size": 32}, train={"max_steps": 2, "save_steps": 2})
