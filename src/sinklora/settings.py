@@ -103,6 +103,8 @@ class TrainingConfig:
     save_total_limit: int = option(2, "checkpoints kept (older ones are deleted)")
     seed: int = option(42, "random seed (data order, LoRA init)")
     deepspeed: str | None = option(None, "DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json)")
+    sequence_parallel: int = option(1, "processes that share one sequence (DeepSpeed Ulysses: each holds 1/N of "
+                                       "the tokens, then 1/N of the heads in attention); needs train.deepspeed")
 
     def validate(self) -> list[str]:
         errors = []
@@ -116,6 +118,11 @@ class TrainingConfig:
             errors.append(f"warmup_steps={self.warmup_steps}: must be >= 0")
         if self.deepspeed is not None and not Path(self.deepspeed).is_file():
             errors.append(f"deepspeed={self.deepspeed!r}: file not found (see configs/deepspeed/)")
+        if self.sequence_parallel < 1:
+            errors.append(f"sequence_parallel={self.sequence_parallel}: must be >= 1 (1 = off)")
+        elif self.sequence_parallel > 1 and self.deepspeed is None:
+            errors.append(f"sequence_parallel={self.sequence_parallel} runs under DeepSpeed (Ulysses): add "
+                          "train.deepspeed=configs/deepspeed/zero2.json (or zero3.json)")
         return errors
 
 

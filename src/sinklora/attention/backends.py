@@ -114,7 +114,7 @@ def sparse_attention(
     backend: str | None = None,
     key_padding_mask: torch.Tensor | None = None,
     doc_lengths: tuple[int, ...] | list[int] | None = None,
-    head_offset: int = 0,
+    head_offset: int | None = None,
     total_heads: int | None = None,
     **params,
 ) -> torch.Tensor:
@@ -125,7 +125,7 @@ def sparse_attention(
     ``key_padding_mask`` ``(B, N)`` bool, True = real token (None: no padding; the caller decides once
     per batch, nothing here reads it back to the host). ``doc_lengths`` describes packed documents in
     one row (patterns restart in each; no attention across documents). ``head_offset``/``total_heads``:
-    these heads are a slice of the model's (sequence parallelism). Differentiable.
+    these heads are a slice of the model's (sequence parallelism; default: the pattern's ``heads``). Differentiable.
     """
     _check_shapes(q, k, v)
     B, Hq, N, D = q.shape

@@ -140,6 +140,9 @@ class Pattern:
     ``group_size`` (tokens) wins over ``group_ratio`` (default 1/4 of the sequence, LongLoRA's
     ``int(N * ratio)``); giving both is an error. ``sink_tokens`` defaults to 4 for ``sf`` and 0 for the
     others. ``shifted_head_fraction`` = 0.5 shifts heads ``h >= H // 2`` (5 of 9 heads for H = 9).
+    ``heads=(offset, total)``: the attention it runs on holds heads ``offset ..`` of a model with ``total``
+    heads (sequence parallelism: each rank holds ``H / N`` of them); which heads are shifted is decided on
+    these global indices. None: the attention holds every head.
     """
 
     name: str = "sf"
@@ -147,6 +150,7 @@ class Pattern:
     group_size: int | None = None
     sink_tokens: int | None = None
     shifted_head_fraction: float = SHIFTED_HEAD_FRACTION
+    heads: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.name not in KINDS:
@@ -178,6 +182,12 @@ class Pattern:
         f = self.shifted_head_fraction
         _check_number("shifted_head_fraction", f, isinstance(f, (int, float)) and 0 <= f <= 1,
                       "in [0, 1] (0.5 = LongLoRA)")
+        if self.heads is not None:
+            heads = tuple(self.heads)
+            if (len(heads) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in heads)
+                    or not 0 <= heads[0] < heads[1]):
+                raise ValueError(f"heads={self.heads!r} is invalid: heads must be (offset, total) with 0 <= offset < total")
+            object.__setattr__(self, "heads", heads)
 
     @property
     def key(self) -> str:
@@ -195,15 +205,17 @@ class Pattern:
                 parts.append(f"f{self.shifted_head_fraction:g}")
         return "-".join(parts)
 
-    def resolve(self, seq_len: int, num_heads: int, *, head_offset: int = 0, total_heads: int | None = None
+    def resolve(self, seq_len: int, num_heads: int, *, head_offset: int | None = None, total_heads: int | None = None
                 ) -> PatternSpec:
         """This pattern on ``seq_len`` tokens and ``num_heads`` query heads (cached).
 
         ``head_offset`` / ``total_heads``: the heads are ``head_offset .. head_offset + num_heads - 1`` of a
         model with ``total_heads`` heads (sequence parallelism holds a slice of the heads); which heads are
-        shifted is decided on the global indices.
+        shifted is decided on the global indices. Default: :attr:`heads`, else all heads.
         """
-        return _resolve(self, seq_len, num_heads, head_offset, total_heads or num_heads)
+        offset, total = self.heads or (0, None)
+        offset = offset if head_offset is None else head_offset
+        return _resolve(self, seq_len, num_heads, offset, total_heads or total or num_heads)
 
     def problems_at(self, seq_len: int) -> list[str]:
         """What is wrong with training at ``seq_len`` tokens (for config validation): a group as long as the

@@ -24,7 +24,8 @@ from sinklora.data.corpora import load_documents
 from sinklora.data.packing import long_documents, pack_documents, tokenize_documents
 from sinklora.eval.passkey import run_passkey
 from sinklora.eval.perplexity import evaluate_perplexity
-from sinklora.hf.attention import use_attention
+from sinklora.hf import sequence_parallel
+from sinklora.hf.sequence_parallel import training_attention
 from sinklora.models.rope import current_factor, original_length
 from sinklora.train.configs import PRESETS, EvalSettings, ExtendConfig
 from sinklora.train.recipe import build_model, make_trainer, prepare_output_dir, train_and_save
@@ -58,6 +59,10 @@ def check_budget(cfg: ExtendConfig) -> list[str]:
         errors.append(f"train_len={cfg.train_len} > target_len={cfg.target_len}: training rows cannot be "
                       "longer than the extended context")
     errors += cfg.attention.check_length(cfg.train_len)
+    if cfg.train.sequence_parallel > 1:
+        from sinklora.models.loading import load_config
+
+        errors += sequence_parallel.problems(cfg.train.sequence_parallel, load_config(cfg.model), cfg.train_len)
     return errors
 
 
@@ -151,7 +156,7 @@ def run(cfg: ExtendConfig, callbacks: list | None = None) -> dict:
         logger.info("distributed run: skipping the built-in evaluation (run `sinklora eval ppl` afterwards)")
     before = evaluate(model, tokenizer, cfg.eval, "before") if do_eval and resume_from is None else None
     trainer = make_trainer(model, tokenizer, _Rows(rows), tc, out, tokens_per_row=cfg.train_len, callbacks=callbacks)
-    with use_attention(model, cfg.attention.build()):
+    with training_attention(model, cfg.attention.build(), tc.sequence_parallel):
         summary = train_and_save(trainer, out, resume_from)
     after = evaluate(model, tokenizer, cfg.eval, "after") if do_eval else None
     result = {"config": to_dict(cfg), "budget": budget, "train": summary, "before": before, "after": after}

@@ -110,16 +110,18 @@ def build_model(model_name: str, target_len: int, *, original_len: int | None, r
 
 
 def make_trainer(model, tokenizer, dataset, tcfg: TrainingConfig, output_dir: Path, *, tokens_per_row: int,
-                 collator=None, callbacks: list | None = None):
+                 collator=None, callbacks: list | None = None, longest_row: int | None = None):
     """An HF Trainer with the paper's recipe: AdamW, warm-up then constant LR, bf16 on GPU.
 
     ``tcfg.max_steps`` must be resolved (presets); ``tokens_per_row`` (tokens in one dataset item) makes
-    the logged ``tokens_per_s``.
+    the logged ``tokens_per_s``; ``longest_row``: rows vary up to it (sequence parallelism on CPU pads to it).
     """
     from transformers import Trainer, default_data_collator
 
+    from sinklora.hf import sequence_parallel
     from sinklora.hf.trainer import training_arguments
 
+    sp = tcfg.sequence_parallel
     args = training_arguments(
         output_dir=str(output_dir),
         max_steps=tcfg.max_steps,
@@ -143,13 +145,19 @@ def make_trainer(model, tokenizer, dataset, tcfg: TrainingConfig, output_dir: Pa
         dataloader_num_workers=0,
         deepspeed=tcfg.deepspeed,
         disable_tqdm=False,
+        **sequence_parallel.trainer_options(sp),
     )
-    tokens_per_step = tokens_per_row * tcfg.batch_size * tcfg.grad_accum * runtime.world_size()
-    return Trainer(
+    collator = collator or default_data_collator
+    if sp > 1:  # Ulysses: N processes share each row (hf/sequence_parallel.py)
+        collator = sequence_parallel.ShardableBatches(collator, sp, tokenizer.pad_token_id, longest_row)
+        callbacks = [sequence_parallel.callback(sp)] + list(callbacks or [])
+    tokens_per_step = tokens_per_row * tcfg.batch_size * tcfg.grad_accum * runtime.world_size() // sp
+    trainer = sequence_parallel.trainer_class() if sp > 1 else Trainer
+    return trainer(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=collator or default_data_collator,
+        data_collator=collator,
         processing_class=tokenizer,
         callbacks=[ThroughputCallback(tokens_per_step)] + list(callbacks or []),
     )

@@ -35,7 +35,9 @@ import torch
 from sinklora import runtime
 from sinklora.config import ConfigError, to_dict
 from sinklora.data.instruct import IGNORE_INDEX, InstructCollator, build_example
+from sinklora.hf import sequence_parallel
 from sinklora.hf.attention import use_attention
+from sinklora.hf.sequence_parallel import training_attention
 from sinklora.models.loading import load_config
 from sinklora.models.rope import current_factor, original_length
 from sinklora.train.configs import SFT_DEFAULTS, SFTConfig, check_lengths
@@ -53,7 +55,8 @@ def resolve_defaults(cfg: SFTConfig) -> dict:
     for key, value in SFT_DEFAULTS.items():
         if getattr(cfg.train, key) is None:
             setattr(cfg.train, key, value)
-    errors = check_lengths(cfg)
+    errors = check_lengths(cfg) + sequence_parallel.problems(cfg.train.sequence_parallel, config,
+                                                             varying_batch_size=cfg.train.batch_size)
     if errors:
         raise ConfigError(errors)
     return {"model_len": int(config.max_position_embeddings), "factor": current_factor(config),
@@ -233,7 +236,8 @@ def run(cfg: SFTConfig, callbacks: list | None = None) -> dict:
     examples = load_examples(cfg, tokenizer)  # every record is checked before the output folder or model
     batches = make_batches(examples, cfg)
     tc, world = cfg.train, runtime.world_size()
-    tc.max_steps = tc.max_steps or math.ceil(len(batches) / (tc.grad_accum * world))  # default: one epoch
+    # default: one epoch (a sequence-parallel group of N processes trains on one batch at a time)
+    tc.max_steps = tc.max_steps or math.ceil(len(batches) * tc.sequence_parallel / (tc.grad_accum * world))
     task_records = None
     if cfg.eval.tasks:
         task_records = load_instructions(cfg.eval.tasks)[: cfg.eval.limit]
@@ -255,8 +259,8 @@ def run(cfg: SFTConfig, callbacks: list | None = None) -> dict:
     trainer = make_trainer(model, tokenizer, BatchDataset(examples, batches), dataclasses.replace(tc, batch_size=1), out,
                            tokens_per_row=round(sum(lengths) / len(batches)),
                            collator=SFTCollator(tokenizer.pad_token_id, packed=cfg.batching == "packed"),
-                           callbacks=callbacks)
-    with use_attention(model, cfg.attention.build()):
+                           callbacks=callbacks, longest_row=cfg.max_len)
+    with training_attention(model, cfg.attention.build(), tc.sequence_parallel):
         summary = train_and_save(trainer, out, resume_from)
     after = evaluate_tasks(model, tokenizer, task_records, label="after", **kw) if do_eval else None
     result = {"config": to_dict(cfg), "budget": budget, "data": data, "train": summary, "before": before, "after": after}
