@@ -20,6 +20,8 @@ COMMANDS: dict[str, str] = {
     "export": "sinklora.models.export",
     "eval ppl": "sinklora.eval.perplexity",
     "eval passkey": "sinklora.eval.passkey",
+    "eval ruler": "sinklora.commands.eval_ruler",
+    "eval longbench": "sinklora.commands.eval_longbench",
     "compare": "sinklora.eval.compare",
     "chat": "sinklora.serve.chat",
     "serve": "sinklora.serve.server",
