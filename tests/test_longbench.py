@@ -104,7 +104,8 @@ def test_prompt_is_the_dataset_template_filled_with_the_record(tok):
 
 def test_chat_template_except_on_few_shot_and_code(tok):
     chat_text, chat_ids = lb.build_prompt(tok, record(), "hotpotqa", 10_000, chat=True)
-    assert chat_text.startswith("<|im_start|>user\nAnswer the question") and chat_text.endswith("<|im_start|>assistant\n")
+    assert chat_text.startswith("<|im_start|>user\nAnswer the question")
+    assert chat_text.endswith("<|im_start|>assistant\n")
     assert chat_ids == list(tok(chat_text, add_special_tokens=False).input_ids)
     for dataset in ("trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"):
         text, _ = lb.build_prompt(tok, record(dataset, all_classes=["A"]), dataset, 10_000, chat=True)
@@ -117,7 +118,8 @@ def test_middle_truncation_keeps_both_ends(tok):
     text, ids = lb.build_prompt(tok, rec, "narrativeqa", max_length=1000, chat=False)
     full = lb.PROMPTS["narrativeqa"].format(**rec)
     assert text == full[:500] + full[-500:]  # byte tokenizer: tokens are characters here
-    assert len(ids) == 1000 and text.startswith("You are given a story") and text.endswith("Question: Who is the hero?\n\nAnswer:")
+    assert len(ids) == 1000 and text.startswith("You are given a story")
+    assert text.endswith("Question: Who is the hero?\n\nAnswer:")
     assert "<0000>" in text and "<0399>" not in text[:600] and "<0200>" not in text
     short, _ = lb.build_prompt(tok, record("narrativeqa", context="tiny"), "narrativeqa", 1000, chat=False)
     assert "Story: tiny" in short  # under the limit: untouched

@@ -21,7 +21,7 @@ from sinklora.config import option
 
 
 @dataclass
-class LongBenchConfig(ModelFields, CacheFields):
+class LongBenchConfig(CacheFields, ModelFields):  # fields: model options first, then cache
     output_dir: str = option("outputs/eval/longbench", "folder for results.json, longbench.md, predictions/")
     data: str = option("data/longbench", "folder of LongBench JSONL files ({dataset}.jsonl, {dataset}_e.jsonl), "
                        "or hf:THUDM/LongBench (needs a reachable hub and `datasets`)")
@@ -36,13 +36,14 @@ class LongBenchConfig(ModelFields, CacheFields):
         from sinklora.eval.longbench import DATASETS, E_DATASETS
 
         errors = self.model_errors() + self.cache_errors()
-        if not self.data.startswith("hf:") and not Path(self.data).is_dir():
+        if not self.data.startswith("hf:") and not Path(self.data).expanduser().is_dir():
             errors.append(f"data={self.data!r}: no such folder; unpack LongBench's data.zip and point data at it, "
                           "or give hf:THUDM/LongBench")
         allowed = E_DATASETS if self.e else list(DATASETS)
         bad = [d for d in self.datasets if d not in allowed]
         if bad:
-            errors.append(f"datasets={self.datasets}: {', '.join(map(repr, bad))} not in LongBench{'-E' if self.e else ''}; "
+            version = "LongBench-E" if self.e else "LongBench"
+            errors.append(f"datasets={self.datasets}: {', '.join(map(repr, bad))} not in {version}; "
                           f"choose from {', '.join(allowed)}")
         if self.max_length is not None and self.max_length < 16:
             errors.append(f"max_length={self.max_length}: must be >= 16 tokens, or omit it")
@@ -75,32 +76,32 @@ def main(cfg: LongBenchConfig) -> int:
     if max_length < 16:
         raise ValueError(f"max_length={max_length} (max_position_embeddings - 512) is too small; set max_length")
     chat = cfg.use_chat(tokenizer)
-    t0 = time.perf_counter()
-    rows = lb.run_longbench(model, tokenizer, data, settings, max_length, chat)
-    summary = lb.summarize(rows, names, [s.name for s in settings], cfg.e)
-    label = cfg.run_label()
-    payload = {
-        "kind": "longbench-e" if cfg.e else "longbench", "label": label,
-        "metadata": run_metadata(model=cfg.model, adapter=cfg.adapter, loaded_model=model,
-                                 caches=[s.__dict__ for s in settings], data=cfg.data, datasets=names,
-                                 records={d: len(r) for d, r in data.items()}, limit=cfg.limit, max_length=max_length,
-                                 chat_template=chat, code_sim_backend=code_sim_backend(),
-                                 wall_seconds=round(time.perf_counter() - t0, 2)),
-        "scoring": "LongBench metrics.py per dataset; best over answers; mean x 100; average = mean of categories",
-        "datasets": names, "summary": summary,
-    }
+    t0, label, rows = time.perf_counter(), cfg.run_label(), []
     save_config(cfg, out / "config.yaml")
-    write_results(payload, out / "results.json")
-    for s in settings:
+    for k, setting in enumerate(settings):  # results are rewritten after each setting: a run cut short keeps them
+        rows += lb.run_longbench(model, tokenizer, data, [setting], max_length, chat)
+        done = settings[:k + 1]
+        summary = lb.summarize(rows, names, [s.name for s in done], cfg.e)
+        payload = {
+            "kind": "longbench-e" if cfg.e else "longbench", "label": label,
+            "metadata": run_metadata(model=cfg.model, adapter=cfg.adapter, loaded_model=model,
+                                     caches=[s.__dict__ for s in done], data=cfg.data, datasets=names,
+                                     records={d: len(r) for d, r in data.items()}, limit=cfg.limit,
+                                     max_length=max_length, chat_template=chat, code_sim_backend=code_sim_backend(),
+                                     wall_seconds=round(time.perf_counter() - t0, 2)),
+            "scoring": "LongBench metrics.py per dataset; best over answers; mean x 100; average = mean of categories",
+            "datasets": names, "summary": summary,
+        }
+        write_results(payload, out / "results.json")
         for d in names:
-            write_jsonl([{k: r[k] for k in ("pred", "answers", "all_classes", "length", "_id")}
-                         for r in rows if r["cache"] == s.name and r["dataset"] == d],
-                        out / "predictions" / s.name.replace("%", "pct") / f"{d}.jsonl")
-    table = lb.longbench_markdown(summary, names, label, cfg.e)
-    (out / "longbench.md").write_text(table + "\n")
-    plot_heatmaps([("score by dataset", [[s["datasets"][d] for s in summary] for d in names])], names,
-                  [s["cache"] for s in summary], out / "longbench.png", xlabel="cache", ylabel="dataset",
-                  title=f"LongBench{'-E' if cfg.e else ''}: {label}")
+            write_jsonl([{f: r[f] for f in ("pred", "answers", "all_classes", "length", "_id")}
+                         for r in rows if r["cache"] == setting.name and r["dataset"] == d],
+                        out / "predictions" / setting.name.replace("%", "pct") / f"{d}.jsonl")
+        table = lb.longbench_markdown(summary, names, label, cfg.e)
+        (out / "longbench.md").write_text(table + "\n")
+        plot_heatmaps([("score by dataset", [[s["datasets"][d] for s in summary] for d in names])], names,
+                      [s["cache"] for s in summary], out / "longbench.png", xlabel="cache", ylabel="dataset",
+                      title=f"LongBench{'-E' if cfg.e else ''}: {label}")
     print(table)
     print(f"results: {out / 'results.json'}, {out / 'longbench.md'}, {out / 'predictions'}")
     return 0

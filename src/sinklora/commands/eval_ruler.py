@@ -1,4 +1,4 @@
-"""RULER long-context suite (needles, variable tracking, word extraction, QA), generated offline, per length and KV cache.
+"""RULER long-context suite (needles, variable tracking, word extraction, QA) generated offline, per length and cache.
 
 Tasks are generated locally with the model's own tokenizer (seeded; see sinklora.eval.ruler_tasks), answered
 greedily under each cache setting and scored as RULER does (share of the expected answers in the output).
@@ -23,7 +23,7 @@ ALL_TASKS = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1
 
 
 @dataclass
-class RulerConfig(ModelFields, CacheFields):
+class RulerConfig(CacheFields, ModelFields):  # fields: model options first, then cache
     output_dir: str = option("outputs/eval/ruler", "folder for results.json, ruler.md, ruler.png, predictions.jsonl")
     tasks: list[str] = option(help="RULER tasks (default: all 12)", factory=lambda: list(ALL_TASKS))
     lengths: list[int] = option(help="sequence lengths in tokens (prompt + RULER's answer budget, as RULER's "
@@ -79,7 +79,8 @@ def main(cfg: RulerConfig) -> int:
     from sinklora.config import save_config
     from sinklora.eval.results import run_metadata, write_results
     from sinklora.eval.ruler import plot_ruler, ruler_markdown, run_ruler, summarize
-    from sinklora.eval.ruler_tasks import Resources, RulerOptions, generate_samples
+    from sinklora.eval.ruler_haystacks import Resources
+    from sinklora.eval.ruler_tasks import RulerOptions, generate_samples
     from sinklora.eval.suite_report import write_jsonl
 
     out = Path(cfg.output_dir)
@@ -92,28 +93,31 @@ def main(cfg: RulerConfig) -> int:
     samples = generate_samples(tokenizer, cfg.tasks, cfg.lengths, cfg.samples, cfg.seed, opts,
                                Resources(cfg.source, cfg.split))
     generation_seconds = time.perf_counter() - t0
-    records = run_ruler(model, tokenizer, samples, settings, max_new_tokens=cfg.max_new_tokens)
-    summary = summarize(records, cfg.tasks, cfg.lengths, [s.name for s in settings])
-    label = cfg.run_label()
-    payload = {
-        "kind": "ruler", "label": label,
-        "metadata": run_metadata(model=cfg.model, adapter=cfg.adapter, lengths=cfg.lengths, seeds=[cfg.seed],
-                                 loaded_model=model, caches=[s.__dict__ for s in settings], tasks=cfg.tasks,
-                                 samples=cfg.samples, chat_template=opts.chat, source=cfg.source, split=cfg.split,
-                                 task_generation_seconds=round(generation_seconds, 2),
-                                 wall_seconds=round(time.perf_counter() - t0, 2)),
-        "scoring": "RULER: string_match_all (niah, vt, cwe, fwe), string_match_part (qa); mean x 100",
-        "tasks": cfg.tasks, "lengths": cfg.lengths, "summary": summary,
-    }
+    label, records = cfg.run_label(), []
     save_config(cfg, out / "config.yaml")
-    write_results(payload, out / "results.json")
-    write_jsonl(records, out / "predictions.jsonl")
     if cfg.save_prompts:
         write_jsonl([{"task": s.task, "length": s.length, "index": s.index, "prompt": s.prompt, "answers": s.answers,
-                       "prompt_tokens": s.prompt_tokens} for s in samples], out / "samples.jsonl")
-    table = ruler_markdown(summary, cfg.tasks, cfg.lengths, label)
-    (out / "ruler.md").write_text(table + "\n")
-    plot_ruler(summary, cfg.tasks, cfg.lengths, out / "ruler.png", f"RULER: {label}")
+                      "prompt_tokens": s.prompt_tokens} for s in samples], out / "samples.jsonl")
+    for k, setting in enumerate(settings):  # results are rewritten after each setting: a run cut short keeps them
+        records += run_ruler(model, tokenizer, samples, [setting], max_new_tokens=cfg.max_new_tokens)
+        done = settings[:k + 1]
+        summary = summarize(records, cfg.tasks, cfg.lengths, [s.name for s in done])
+        payload = {
+            "kind": "ruler", "label": label,
+            "metadata": run_metadata(model=cfg.model, adapter=cfg.adapter, lengths=cfg.lengths, seeds=[cfg.seed],
+                                     loaded_model=model, caches=[s.__dict__ for s in done], tasks=cfg.tasks,
+                                     samples=cfg.samples, chat_template=opts.chat, source=cfg.source, split=cfg.split,
+                                     max_new_tokens=cfg.max_new_tokens,
+                                     task_generation_seconds=round(generation_seconds, 2),
+                                     wall_seconds=round(time.perf_counter() - t0, 2)),
+            "scoring": "RULER: string_match_all (niah, vt, cwe, fwe), string_match_part (qa); mean x 100",
+            "tasks": cfg.tasks, "lengths": cfg.lengths, "summary": summary,
+        }
+        write_results(payload, out / "results.json")
+        write_jsonl(records, out / "predictions.jsonl")
+        table = ruler_markdown(summary, cfg.tasks, cfg.lengths, label)
+        (out / "ruler.md").write_text(table + "\n")
+        plot_ruler(summary, cfg.tasks, cfg.lengths, out / "ruler.png", f"RULER: {label}")
     print(table)
     print(f"results: {out / 'results.json'}, {out / 'ruler.md'}, {out / 'ruler.png'}")
     return 0

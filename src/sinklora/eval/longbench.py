@@ -37,53 +37,60 @@ from sinklora.eval.suite_report import compression_table, fmt, kv_kept, markdown
 logger = logging.getLogger(__name__)
 
 _QA_ONLY = "Only give me the answer and do not output any other words."
-_PASSAGES = (f"Answer the question based on the given passages. {_QA_ONLY}\n\nThe following are given passages.\n"
-             f"{{context}}\n\nAnswer the question based on the given passages. {_QA_ONLY}\n\nQuestion: {{input}}\nAnswer:")
+_PASSAGES = (f"Answer the question based on the given passages. {_QA_ONLY}\n\nThe following are given "
+             f"passages.\n{{context}}\n\nAnswer the question based on the given passages. {_QA_ONLY}\n\n"
+             "Question: {input}\nAnswer:")
 _CONCISE = "as concisely as you can, using a single phrase"
 # narrativeqa keeps the released "asconcisely" (the prompt behind the published scores; fixed upstream in 2024-09)
 _NARRATIVE = "asconcisely as you can, using a single phrase"
 _QASPER_RULE = ('If the question cannot be answered based on the information in the article, write "unanswerable". '
-                'If the question is a yes/no question, answer "yes", "no", or "unanswerable". Do not provide any explanation.')
+                'If the question is a yes/no question, answer "yes", "no", or "unanswerable". '
+                "Do not provide any explanation.")
 PROMPTS: dict[str, str] = {  # LongBench config/dataset2prompt.json
     "narrativeqa": "You are given a story, which can be either a novel or a movie script, and a question. Answer the "
-                   f"question {_NARRATIVE} if possible. Do not provide any explanation.\n\nStory: {{context}}\n\nNow, "
-                   f"answer the question based on the story {_NARRATIVE} if possible. Do not provide any explanation.\n\n"
-                   "Question: {input}\n\nAnswer:",
+                   f"question {_NARRATIVE} if possible. Do not provide any explanation.\n\nStory: {{context}}\n\n"
+                   f"Now, answer the question based on the story {_NARRATIVE} if possible. Do not provide any "
+                   "explanation.\n\nQuestion: {input}\n\nAnswer:",
     "qasper": f"You are given a scientific article and a question. Answer the question {_CONCISE} or sentence if "
               f"possible. {_QASPER_RULE}\n\nArticle: {{context}}\n\n Answer the question based on the above article "
               f"{_CONCISE} or sentence if possible. {_QASPER_RULE}\n\nQuestion: {{input}}\n\nAnswer:",
-    "multifieldqa_en": "Read the following text and answer briefly.\n\n{context}\n\nNow, answer the following question "
-                       "based on the above text, only give me the answer and do not output any other words.\n\n"
-                       "Question: {input}\nAnswer:",
-    "multifieldqa_zh": "阅读以下文字并用中文简短回答：\n\n{context}\n\n现在请基于上面的文章回答下面的问题，只告诉我答案，不要输出任何其他字词。"
-                       "\n\n问题：{input}\n回答：",
+    "multifieldqa_en": "Read the following text and answer briefly.\n\n{context}\n\nNow, answer the following "
+                       "question based on the above text, only give me the answer and do not output any other words."
+                       "\n\nQuestion: {input}\nAnswer:",
+    "multifieldqa_zh": "阅读以下文字并用中文简短回答：\n\n{context}\n\n现在请基于上面的文章回答下面的问题，"
+                       "只告诉我答案，不要输出任何其他字词。\n\n问题：{input}\n回答：",
     "hotpotqa": _PASSAGES,
     "2wikimqa": _PASSAGES,
     "musique": _PASSAGES,
-    "dureader": "请基于给定的文章回答下述问题。\n\n文章：{context}\n\n请基于上述文章回答下面的问题。\n\n问题：{input}\n回答：",
-    "gov_report": "You are given a report by a government agency. Write a one-page summary of the report.\n\nReport:\n"
-                  "{context}\n\nNow, write a one-page summary of the report.\n\nSummary:",
-    "qmsum": "You are given a meeting transcript and a query containing a question or instruction. Answer the query in "
-             "one or more sentences.\n\nTranscript:\n{context}\n\nNow, answer the query based on the above meeting "
-             "transcript in one or more sentences.\n\nQuery: {input}\nAnswer:",
-    "multi_news": "You are given several news passages. Write a one-page summary of all news. \n\nNews:\n{context}\n\n"
-                  "Now, write a one-page summary of all the news.\n\nSummary:",
+    "dureader": "请基于给定的文章回答下述问题。\n\n文章：{context}\n\n请基于上述文章回答下面的问题。\n\n"
+                "问题：{input}\n回答：",
+    "gov_report": "You are given a report by a government agency. Write a one-page summary of the report.\n\n"
+                  "Report:\n{context}\n\nNow, write a one-page summary of the report.\n\nSummary:",
+    "qmsum": "You are given a meeting transcript and a query containing a question or instruction. Answer the query "
+             "in one or more sentences.\n\nTranscript:\n{context}\n\nNow, answer the query based on the above "
+             "meeting transcript in one or more sentences.\n\nQuery: {input}\nAnswer:",
+    "multi_news": "You are given several news passages. Write a one-page summary of all news. \n\nNews:\n"
+                  "{context}\n\nNow, write a one-page summary of all the news.\n\nSummary:",
     "vcsum": "下面有一段会议记录，请你阅读后，写一段总结，总结会议的内容。\n会议记录：\n{context}\n\n会议总结：",
-    "trec": "Please determine the type of the question below. Here are some examples of questions.\n\n{context}\n{input}",
+    "trec": "Please determine the type of the question below. Here are some examples of questions.\n\n"
+            "{context}\n{input}",
     "triviaqa": f"Answer the question based on the given passage. {_QA_ONLY} The following are some examples.\n\n"
                 "{context}\n\n{input}",
-    "samsum": "Summarize the dialogue into a few short sentences. The following are some examples.\n\n{context}\n\n{input}",
+    "samsum": "Summarize the dialogue into a few short sentences. The following are some examples.\n\n"
+              "{context}\n\n{input}",
     "lsht": "请判断给定新闻的类别，下面是一些例子。\n\n{context}\n{input}",
     "passage_count": "There are some paragraphs below sourced from Wikipedia. Some of them may be duplicates. Please "
-                     "carefully read these paragraphs and determine how many unique paragraphs there are after removing "
-                     "duplicates. In other words, how many non-repeating paragraphs are there in total?\n\n{context}\n\n"
-                     "Please enter the final count of unique paragraphs after removing duplicates. The output format "
-                     "should only contain the number, such as 1, 2, 3, and so on.\n\nThe final answer is: ",
+                     "carefully read these paragraphs and determine how many unique paragraphs there are after "
+                     "removing duplicates. In other words, how many non-repeating paragraphs are there in total?"
+                     "\n\n{context}\n\nPlease enter the final count of unique paragraphs after removing "
+                     "duplicates. The output format should only contain the number, such as 1, 2, 3, and so on."
+                     "\n\nThe final answer is: ",
     "passage_retrieval_en": "Here are 30 paragraphs from Wikipedia, along with an abstract. Please determine which "
-                            "paragraph the abstract is from.\n\n{context}\n\nThe following is an abstract.\n\n{input}\n\n"
-                            "Please enter the number of the paragraph that the abstract is from. The answer format must "
-                            'be like "Paragraph 1", "Paragraph 2", etc.\n\nThe answer is: ',
-    "passage_retrieval_zh": "以下是若干段落文字，以及其中一个段落的摘要。请确定给定的摘要出自哪一段。\n\n{context}\n\n下面是一个摘要\n\n{input}\n\n"
+                            "paragraph the abstract is from.\n\n{context}\n\nThe following is an abstract.\n\n"
+                            "{input}\n\nPlease enter the number of the paragraph that the abstract is from. The "
+                            'answer format must be like "Paragraph 1", "Paragraph 2", etc.\n\nThe answer is: ',
+    "passage_retrieval_zh": "以下是若干段落文字，以及其中一个段落的摘要。请确定给定的摘要出自哪一段。\n\n"
+                            "{context}\n\n下面是一个摘要\n\n{input}\n\n"
                             '请输入摘要所属段落的编号。答案格式必须是"段落1"，"段落2"等格式\n\n答案是：',
     "lcc": "Please complete the code given below. \n{context}Next line of code:\n",
     "repobench-p": "Please complete the code given below. \n{context}{input}Next line of code:\n",
@@ -131,7 +138,8 @@ def check_record(record: Any, where: str) -> dict:
 
 def data_file(folder: str | Path, dataset: str, e: bool = False) -> Path | None:
     name = f"{dataset}_e.jsonl" if e else f"{dataset}.jsonl"
-    for candidate in (Path(folder) / name, Path(folder) / "data" / name):
+    folder = Path(folder).expanduser()
+    for candidate in (folder / name, folder / "data" / name):
         if candidate.is_file():
             return candidate
     return None
@@ -233,7 +241,8 @@ def summarize(rows: Sequence[dict[str, Any]], datasets: Sequence[str], settings:
                     buckets[d][b] = round(100 * sum(part) / len(part), 2) if part else None
         categories = {c: mean([scores[d] for d in datasets if DATASETS[d][0] == c]) for c in CATEGORIES}
         categories = {c: v for c, v in categories.items() if v is not None}
-        entry = {"cache": name, "datasets": scores, "categories": categories, "average": mean(list(categories.values())),
+        entry = {"cache": name, "datasets": scores, "categories": categories,
+                 "average": mean(list(categories.values())),
                  "dataset_average": mean(list(scores.values())), "kv_kept": kv_kept([r["cache_stats"] for r in mine]),
                  **{f"category_{c}": v for c, v in categories.items()}}
         if e:

@@ -8,12 +8,12 @@ the dataset score takes the best reference per record, then the mean x 100 (:mod
 |---|---|---|
 | ``qa_f1_score`` | QA (en), triviaqa | token F1 after SQuAD normalisation (lower case, no punctuation, no articles) |
 | ``qa_f1_zh_score`` | multifieldqa_zh | F1 over jieba words, each stripped of Chinese and English punctuation |
-| ``rouge_score`` | summaries (en), samsum | ROUGE-L F of the ``rouge`` package (1.0.1); 0 where it raises (empty output) |
+| ``rouge_score`` | summaries (en), samsum | ROUGE-L F of the ``rouge`` package (1.0.1); 0 where it raises |
 | ``rouge_zh_score`` | dureader, vcsum | the same on jieba words joined by spaces |
-| ``classification_score`` | trec, lsht | 1 / (classes named) if the right class is among the class names in the output |
+| ``classification_score`` | trec, lsht | 1 / (classes named in the output) if the right one is among them |
 | ``retrieval_score`` / ``_zh`` | passage_retrieval | share of the numbers in the output equal to the paragraph number |
 | ``count_score`` | passage_count | share of the numbers in the output equal to the count |
-| ``code_sim_score`` | lcc, repobench-p | fuzzywuzzy ``fuzz.ratio`` / 100 of the first output line that is not a comment or fence |
+| ``code_sim_score`` | lcc, repobench-p | ``fuzz.ratio`` / 100 of the first output line not a comment or fence |
 
 Kept on purpose, because LongBench's scores have them: in ``classification_score`` a class name that is
 a substring of the answer is dropped while the list is being iterated (so the entry after it is not
@@ -35,7 +35,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-_ZH_PUNCTUATION = ("！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—"
+_ZH_PUNCTUATION = ("！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～"
+                   "｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—"
                    "‘’‛“”„‟…‧﹏.")
 
 

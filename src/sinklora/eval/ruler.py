@@ -118,7 +118,8 @@ def ruler_markdown(summary: Sequence[dict[str, Any]], tasks: Sequence[str], leng
     for s in summary:
         rows = [[t] + [fmt(s["scores"][t][str(n)]) for n in lengths] + [fmt(s["by_task"][t])] for t in tasks]
         rows.append(["**average**"] + [fmt(s["by_length"][str(n)]) for n in lengths] + [f"**{fmt(s['average'])}**"])
-        parts += [f"### cache {s['cache']}", "", markdown_table(["task"] + [str(n) for n in lengths] + ["mean"], rows), ""]
+        header = ["task"] + [str(n) for n in lengths] + ["mean"]
+        parts += [f"### cache {s['cache']}", "", markdown_table(header, rows), ""]
     parts += ["### score vs compression", "",
               compression_table(summary, [(str(n), f"length_{n}") for n in lengths]), ""]
     return "\n".join(parts)

@@ -59,8 +59,8 @@ def plot_heatmaps(panels: Sequence[tuple[str, Sequence[Sequence[float | None]]]]
             for j, v in enumerate(row):
                 ax.text(j, i, "" if v is None else f"{v:.0f}", ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels], fontsize=8)
-        ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels] if ax is axes[0][0] else [""] * len(row_labels),
-                      fontsize=8)
+        labels = [str(r) for r in row_labels] if ax is axes[0][0] else [""] * len(row_labels)
+        ax.set_yticks(range(len(row_labels)), labels, fontsize=8)
         ax.set_xlabel(xlabel)
         ax.set_title(name, fontsize=9)
     axes[0][0].set_ylabel(ylabel)
