@@ -20,6 +20,11 @@ As LongBench's ``pred.py`` and ``eval.py``:
   field (words, or characters in Chinese) into 0-4k, 4-8k and 8k+.
 Averages: per category, the mean of its datasets; ``average`` the mean of the categories (LongBench's
 "Avg"), ``dataset_average`` the mean of the datasets.
+
+Where we differ: the chat template is the tokenizer's (LongBench hard-codes one per model); ``max_length``
+defaults to the model's context minus 512 (LongBench's ``model2maxlen`` is set per model, e.g. 3500 for a
+4k model); ``all_classes`` is each record's own (LongBench's ``eval.py`` uses the last record's for the
+whole file; they are equal within a dataset); narrativeqa keeps the released prompt's "asconcisely".
 """
 
 from __future__ import annotations

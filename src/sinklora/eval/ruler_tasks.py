@@ -30,7 +30,9 @@ Where we differ from RULER, and why:
 - Chat models: the task text is the user turn and the answer prefix starts the assistant turn; cwe's
   and vt's in-context example is part of the user turn (RULER puts it inside the model template).
 - Randomness is one ``random.Random`` per sample keyed by (seed, task, length, index), so every sample
-  can be rebuilt alone; cwe's example words are never the sample's words.
+  can be rebuilt alone, and each sample's haystack is sized on its own (RULER sizes one per task and
+  length and shrinks a sample that overflows); cwe's example words are never the sample's words,
+  distractor keys never equal an asked key and chain values never repeat (RULER leaves those to chance).
 """
 
 from __future__ import annotations
