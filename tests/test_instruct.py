@@ -178,6 +178,37 @@ def test_mix_command(tmp_path, tokenizer, monkeypatch):
     assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 10 and (tmp_path / "m.png").is_file()
 
 
+def test_mix_command_never_loses_data(tmp_path, tokenizer, monkeypatch, capsys):
+    from sinklora.cli import main
+    from sinklora.models import loading
+
+    victim = _write_source(tmp_path / "victim.jsonl", 6, "V")
+    before = (tmp_path / "victim.jsonl").read_text()
+    # out is a source, or the report beside out would overwrite one
+    assert main(["data", "mix", f"sources={{{victim}: 1.0}}", "total=2", f"out={victim}"]) == 2
+    assert "would overwrite the source" in capsys.readouterr().err
+    report = _write_source(tmp_path / "mix.txt", 6, "T")  # mix.jsonl's report would be mix.txt
+    assert main(["data", "mix", f"sources={{{report}: 1.0}}", "total=2", f"out={tmp_path / 'mix.jsonl'}"]) == 2
+    assert (tmp_path / "victim.jsonl").read_text() == before and not (tmp_path / "mix.jsonl").exists()
+    # an existing out needs overwrite=true
+    (tmp_path / "old.jsonl").write_text("keep me\n")
+    assert main(["data", "mix", f"sources={{{victim}: 1.0}}", "total=2", f"out={tmp_path / 'old.jsonl'}"]) == 2
+    assert "already exists; choose a new file or set overwrite=true" in capsys.readouterr().err
+    assert (tmp_path / "old.jsonl").read_text() == "keep me\n"
+    # a bad tokenizer is found before anything is written: one line naming the field
+    out = tmp_path / "new.jsonl"
+    assert main(["data", "mix", f"sources={{{victim}: 1.0}}", "total=2", f"out={out}",
+                 f"tokenizer={tmp_path / 'no-such-model'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sinklora data mix: error: tokenizer=") and len(err.splitlines()) == 1
+    assert not out.exists() and not out.with_suffix(".png").exists()
+    monkeypatch.setattr(loading, "load_tokenizer", lambda name: tokenizer)
+    assert main(["data", "mix", f"sources={{{victim}: 1.0}}", "total=2", f"out={tmp_path / 'old.jsonl'}",
+                 "overwrite=true"]) == 0
+    assert len((tmp_path / "old.jsonl").read_text().splitlines()) == 2
+    assert not list(tmp_path.glob(".*.tmp"))  # written through a temporary file, renamed into place
+
+
 # ----------------------------------------------------------------------------- generated tasks
 
 ROMAN = ["I", "II", "III", "IV", "V"]

@@ -13,44 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, LlamaForCausalLM, T5Config
 
-from conftest import tiny_llama, tiny_llama_config, tiny_tokenizer
+from conftest import logits_of as _logits
+from conftest import random_ids as _ids
+from conftest import save_tiny_base as _save_base
+from conftest import tiny_llama, tiny_llama_config
 from sinklora.models import export, loading, lora, rope
 from sinklora.models.lora import LoraSettings
 
-# ---------------------------------------------------------------- helpers
-
-
-def _save_base(folder: Path, **overrides) -> Path:
-    """A tiny Llama + byte tokenizer saved as a local HF folder (the "local path" model)."""
-    tiny_llama(**overrides).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
-def _ids(n: int = 24, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, 256, (2, n), generator=torch.Generator().manual_seed(seed))
-
-
-def _logits(model, ids: torch.Tensor, **kw) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, **kw).logits
-
-
-def _train(peft_model, steps: int = 3, lr: float = 1e-2) -> None:
-    """A few AdamW steps so every trainable tensor moves away from its initial value."""
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    peft_model.train()  # lora_B starts at 0, so only B gets a gradient at step 0
-    for step in range(steps):
-        ids = _ids(seed=10 + step)
-        peft_model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    peft_model.eval()
+# ---------------------------------------------------------------- helpers (shared ones live in conftest)
 
 
 def _output_matrix(model) -> torch.Tensor:
@@ -65,17 +38,6 @@ def _input_matrix(model) -> torch.Tensor:
         return model.get_input_embeddings()(torch.arange(model.config.vocab_size))
 
 
-@pytest.fixture
-def trained_adapter(tmp_path):
-    """base folder (tiny Llama, tied), an extended-context LoRA+ model trained a few steps, its adapter folder."""
-    base = _save_base(tmp_path / "base")
-    model, _ = loading.load_model(base, context_len=700)  # factor ceil(700 / 256) = 3
-    peft_model = lora.apply_lora_plus(model, LoraSettings())
-    _train(peft_model)
-    adapter = lora.save_adapter(peft_model, tmp_path / "adapter")
-    return base, peft_model, adapter
-
-
 # ---------------------------------------------------------------- RoPE
 
 
@@ -86,9 +48,9 @@ def trained_adapter(tmp_path):
 def test_extend_context_factor(target, rounding, factor):
     config = tiny_llama_config()
     assert rope.extend_context(config, target, rounding=rounding) == factor
-    assert config.rope_parameters == {
-        "rope_theta": 10000.0, "rope_type": "linear", "factor": factor, "original_max_position_embeddings": 256,
-    }
+    # the pretraining length sits beside rope_parameters: inside, transformers warns "Unrecognized keys"
+    assert config.rope_parameters == {"rope_theta": 10000.0, "rope_type": "linear", "factor": factor}
+    assert config.original_max_position_embeddings == 256 and rope.original_length(config) == 256
     assert config.max_position_embeddings == target
 
 
@@ -107,7 +69,7 @@ def test_re_extension_is_relative_to_original_length():
     assert rope.extend_context(config, 1024) == 4.0  # idempotent
     assert config.to_dict() == once
     assert rope.extend_context(config, 2048) == 8.0  # 2048 / 256, not 4 * 8
-    assert config.rope_parameters["original_max_position_embeddings"] == 256
+    assert rope.original_length(config) == 256
     assert rope.extend_context(config, 600, rounding="exact") == 600 / 256
     assert rope.extend_context(config, 200) == 600 / 256  # <= original: unchanged
 
@@ -208,7 +170,7 @@ def test_plain_lora_trains_with_checkpointing():
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-def test_adapter_reloads_with_plain_peft(trained_adapter):
+def test_adapter_stores_the_tied_embedding_once_and_reloads_it_tied(trained_adapter):
     base, peft_model, adapter = trained_adapter
     ids = _ids()
     reference = _logits(peft_model, ids)
@@ -218,12 +180,18 @@ def test_adapter_reloads_with_plain_peft(trained_adapter):
     assert (trained_embed - original).abs().max() > 1e-3
     torch.testing.assert_close(_output_matrix(peft_model), trained_embed, atol=1e-6, rtol=0)
 
-    # a fresh base built with the adapter's recorded RoPE settings, then the adapter via peft only
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "base_model.model.model.embed_tokens.weight" in keys
+    assert "base_model.model.lm_head.weight" not in keys  # peft alone writes this same matrix a second time
+    assert lora.read_tied(adapter / "adapter_model.safetensors") == {
+        "base_model.model.lm_head.weight": "base_model.model.model.embed_tokens.weight"}
+
+    # a fresh base built with the adapter's recorded RoPE settings, then the adapter
     config = AutoConfig.from_pretrained(base)
     assert config.max_position_embeddings == 256
     rope.apply_context_record(config, json.loads((adapter / rope.CONTEXT_RECORD).read_text()))
-    fresh = AutoModelForCausalLM.from_pretrained(base, config=config)
-    reloaded = PeftModel.from_pretrained(fresh, str(adapter)).eval()
+    reloaded = lora.load_adapter(AutoModelForCausalLM.from_pretrained(base, config=config), adapter)
     torch.testing.assert_close(_logits(reloaded, ids), reference, atol=1e-6, rtol=0)
     torch.testing.assert_close(_output_matrix(reloaded), trained_embed, atol=1e-6, rtol=0)
     assert lora.ties_embeddings(reloaded.get_base_model())
@@ -231,6 +199,7 @@ def test_adapter_reloads_with_plain_peft(trained_adapter):
     via_loader, _ = loading.load_model(base, adapter=adapter)  # applies the RoPE record itself
     assert via_loader.get_base_model().config.rope_parameters["factor"] == 3.0
     torch.testing.assert_close(_logits(via_loader, ids), reference, atol=1e-6, rtol=0)
+    assert lora.ties_embeddings(via_loader.get_base_model())
 
 
 def test_lora_settings_validation():

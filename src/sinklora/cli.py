@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 from sinklora.config import ConfigError, describe, load_config
@@ -32,19 +33,31 @@ COMMANDS: dict[str, str] = {
 }
 
 
-def _usage() -> str:
-    lines = ["usage: sinklora COMMAND [--config FILE] [key=value ...]", "", "commands:"]
+def _summaries(group: str | None = None) -> list[tuple[str, str]]:
+    """(command words, first docstring line) of every command, or of one group's (``eval``, ``data``)."""
+    rows = []
     for words, module in COMMANDS.items():
-        summary = ""
+        if group is not None and not words.startswith(group + " "):
+            continue
         try:
-            doc = importlib.import_module(module).__doc__ or ""
-            summary = doc.strip().splitlines()[0] if doc.strip() else ""
+            doc = (importlib.import_module(module).__doc__ or "").strip()
         except ImportError:
             continue  # a command whose module is not part of this build
-        lines.append(f"  {words:<14} {summary}")
-    lines.append("")
-    lines.append("`sinklora COMMAND --help` lists the command's options.")
-    return "\n".join(lines)
+        rows.append((words, doc.splitlines()[0] if doc else ""))
+    return rows
+
+
+def _usage(group: str | None = None) -> str:
+    if group is not None:
+        lines = [f"usage: sinklora {group} SUBCOMMAND [--config FILE] [key=value ...]", "", "subcommands:"]
+        lines += [f"  {words.split(' ', 1)[1]:<10} {summary}" for words, summary in _summaries(group)]
+        return "\n".join(lines + ["", f"`sinklora {group} SUBCOMMAND --help` lists its options."])
+    lines = ["usage: sinklora COMMAND [--config FILE] [key=value ...]", "", "commands:"]
+    lines += [f"  {words:<14} {summary}" for words, summary in _summaries()]
+    return "\n".join(lines + ["", "`sinklora COMMAND --help` lists the command's options."])
+
+
+GROUPS = sorted({words.split()[0] for words in COMMANDS if " " in words})
 
 
 def _split_command(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -88,12 +101,26 @@ def _parse_options(args: list[str]) -> tuple[str | None, list[str], bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = _main(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # inside the try: a closed pipe must raise here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # the reader left (`sinklora train --help | head -3`): stop quietly, and point stdout at devnull so
+        # the interpreter's final flush has nothing left to fail on
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a process killed by SIGPIPE reports
+
+
+def _main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     command, rest = _split_command(argv)
     if command is None:
-        print(_usage())
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+        group = argv[0] if argv and argv[0] in GROUPS else None  # `sinklora eval --help`: its subcommands
+        asked = argv[1:] if group else argv
+        wants_help = not argv or asked[:1] in (["-h"], ["--help"])
+        print(_usage(group), file=sys.stdout if wants_help else sys.stderr)
+        return 0 if wants_help else 2
     module = importlib.import_module(COMMANDS[command])
     try:
         config_path, overrides, wants_help = _parse_options(rest)

@@ -26,7 +26,43 @@ class ConfigError(ValueError):
 
     def __init__(self, errors: list[str]):
         self.errors = list(errors)
-        super().__init__("invalid configuration:\n" + "\n".join(f"  - {e}" for e in self.errors))
+        if len(self.errors) == 1:
+            super().__init__(f"invalid configuration: {self.errors[0]}")
+        else:
+            super().__init__("invalid configuration:\n" + "\n".join(f"  - {e}" for e in self.errors))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a mapping holding one key twice is an error (PyYAML keeps the last
+    silently; YAML 1.2 says keys are unique)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in first:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {first[key] + 1})", key_node.start_mark)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, where: str, column_offset: int = 0) -> Any:
+    """``text`` parsed as YAML; a syntax error or a duplicate key is one ConfigError line naming ``where``
+    (a file or an override), the line and the column (shifted by ``column_offset`` on the first line)."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        column = mark.column + 1 + (column_offset if mark is not None and mark.line == 0 else 0)
+        at = f"line {mark.line + 1}, column {column}: " if mark is not None else ""
+        problem = ": ".join(str(p) for p in (e.context, e.problem) if p)
+        raise ConfigError([f"{where}: {at}{problem}"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{where}: {' '.join(str(e).split())}"]) from None
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None) -> Any:
@@ -155,7 +191,7 @@ def parse_overrides(items: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError([f"override {item!r}: expected key=value (for example max_steps=10)"])
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw, f"override {item!r}", column_offset=len(key) + 1) if raw.strip() else ""
         _set_dotted(data, key.strip().lstrip("-").replace("-", "_"), value)
     return data
 
@@ -193,7 +229,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         p = Path(path)
         if not p.is_file():
             raise ConfigError([f"config file {str(p)!r} does not exist"])
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = parse_yaml(p.read_text(), f"config file {str(p)!r}") or {}
         if not isinstance(loaded, dict):
             raise ConfigError([f"config file {str(p)!r}: expected a mapping at the top level"])
         data = loaded
@@ -213,8 +249,10 @@ def to_dict(cfg: Any) -> dict:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML, atomically (a reader sees the old file or the new one)."""
+    from sinklora import atomic
+
+    atomic.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:

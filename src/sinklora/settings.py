@@ -31,7 +31,8 @@ CachePolicyName = Literal["full", "local", "sink", "h2o", "snapkv"]
 class ModelOptions:
     """Which model to load, and where (every command that loads a model for inference)."""
 
-    model: str = option(DEFAULT_MODEL, "model alias, local Hugging Face folder (e.g. a `sinklora export`) or hub id")
+    model: str = option(DEFAULT_MODEL, "model alias, local Hugging Face folder (e.g. a `sinklora export`), hub id, "
+                                        "or an adapter folder (a `sinklora train` output_dir: its base + adapter)")
     adapter: str | None = option(None, "LoRA/LoRA+ adapter folder (e.g. a `sinklora train` output_dir) to apply")
     dtype: Dtype = option("auto", "weights dtype; auto = as the checkpoint stores it")
     device: str = option("auto", "torch device (cpu, cuda, cuda:1); auto = cuda when available, else cpu")

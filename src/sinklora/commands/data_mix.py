@@ -17,6 +17,7 @@ class MixConfig:
                            factory=lambda: dict(LONGALPACA_PLUS))
     total: int = option(28000, "records in the mixture")
     out: str = option("runs/data/mix.jsonl", "output JSONL; the report goes next to it (.png, .txt)")
+    overwrite: bool = option(False, "replace an existing out (and its report)")
     seed: int = option(0, "shuffle and sampling seed")
     allow_replacement: bool = option(False, "repeat records of a source that is smaller than its share")
     on_error: Literal["fail", "skip"] = option("fail", "invalid records: 'fail' or 'skip' (counted)")
@@ -38,6 +39,15 @@ class MixConfig:
         if missing:
             errors.append(f"sources: {', '.join(map(repr, missing))} not found; give existing JSON/JSONL "
                           "files (e.g. from `sinklora data tasks`) as {path: ratio}")
+        out = Path(self.out).expanduser()
+        written = [out, out.with_suffix(".txt"), out.with_suffix(".png")]
+        clash = [k for k in self.sources if not k.startswith("hf:") and Path(k).exists()
+                 and any(Path(k).resolve() == w.resolve() for w in written)]
+        if clash:
+            errors.append(f"out={self.out!r} would overwrite the source {clash[0]!r} (the mix or its report); "
+                          "write the mixture to another file")
+        elif out.exists() and not self.overwrite:
+            errors.append(f"out={self.out!r} already exists; choose a new file or set overwrite=true")
         return errors
 
 
@@ -45,19 +55,22 @@ CONFIG = MixConfig
 
 
 def main(cfg: MixConfig) -> int:
-    import json
-
-    from sinklora.data.mix import length_report, mix_sources, record_tokens
+    from sinklora import atomic
+    from sinklora.data.mix import length_report, mix_sources, record_tokens, write_jsonl
     from sinklora.models.loading import load_tokenizer
 
+    # everything that can fail runs before anything is written
+    try:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"tokenizer={cfg.tokenizer!r}: cannot load a tokenizer ({str(e).splitlines()[0]}); give "
+                         "a model alias, a local model folder or a hub id") from None
     records = mix_sources(cfg.sources, cfg.total, cfg.seed, cfg.allow_replacement, cfg.on_error)
+    lengths = record_tokens(records, tokenizer)
     out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    table = length_report(records, record_tokens(records, load_tokenizer(cfg.tokenizer)), out.with_suffix(".png"))
-    out.with_suffix(".txt").write_text(table + "\n")
+    write_jsonl(records, out)
+    table = length_report(records, lengths, out.with_suffix(".png"))
+    atomic.write_text(out.with_suffix(".txt"), table + "\n")
     print(table)
     print(f"{len(records)} records -> {out} (histogram {out.with_suffix('.png')})")
     return 0

@@ -15,8 +15,11 @@ from sinklora.settings import EvalModelOptions
 @dataclass
 class PerplexityConfig(EvalModelOptions):
     output_dir: str = option("outputs/eval/ppl", "folder for results.json, perplexity.png and config.yaml")
-    corpus: str = option("books", "data source for sinklora.data.corpora.load_documents (a name or a path)")
-    split: Literal["train", "heldout", "all"] = option("heldout", "which documents of the corpus")
+    corpus: str = option("books", "documents: a corpus name, a .txt/.md file, a folder, a .json/.jsonl file or hf:NAME")
+    split: Literal["train", "heldout", "all"] = option("heldout", "which documents of the corpus (a single text file "
+                                                                  "is used whole)")
+    on_error: Literal["fail", "skip"] = option("fail", "text files that are not UTF-8 (or binary): fail naming the "
+                                                       "file and line, or skip them (counted)")
     lengths: list[int] = option(help="context lengths to evaluate", factory=lambda: [2048, 4096, 8192])
     stride: int | None = option(
         None, "window step; sliding: default = the context length; longlora: default 256"
@@ -29,7 +32,11 @@ class PerplexityConfig(EvalModelOptions):
     chunk_tokens: int = option(PPL_CHUNK_TOKENS, "positions per output-embedding chunk (bounds logits memory)")
 
     def validate(self) -> list[str]:
+        from sinklora.data.corpora import check_source
+
         errors = super().validate()
+        if (problem := check_source(self.corpus, "corpus")) is not None:
+            errors.append(problem)
         if not self.lengths or any(n < 2 for n in self.lengths):
             errors.append(f"lengths={self.lengths}: give one or more context lengths >= 2, e.g. lengths=2048,4096")
         if self.stride is not None and self.stride < 1:
@@ -62,7 +69,7 @@ def main(cfg: PerplexityConfig) -> int:
     from sinklora.eval.results import run_metadata, write_results
 
     out = Path(cfg.output_dir)
-    docs = load_documents(cfg.corpus, cfg.split)
+    docs = load_documents(cfg.corpus, cfg.split, on_error=cfg.on_error)
     if cfg.max_docs is not None:
         docs = docs[: cfg.max_docs]
     if not docs:

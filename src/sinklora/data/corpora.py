@@ -12,7 +12,8 @@ Built-in sources (see :func:`known_sources`):
 - ``python-stdlib``: the running CPython's standard library, one document per top-level module or
   package (tests excluded).
 
-User sources: a folder (recursive ``.txt``/``.md``, one document per file), ``file.json[l][:field]``
+User sources: one ``.txt``/``.md`` file (one document, used whole for every split), a folder (recursive
+``.txt``/``.md``, one document per file), ``file.json[l][:field]``
 (default field ``text``; optional ``work``/``title`` fields group records into works), a saved
 Hugging Face dataset folder, or ``hf:NAME[:split[:field]]`` (needs ``pip install datasets``).
 
@@ -27,7 +28,6 @@ import dataclasses
 import difflib
 import functools
 import hashlib
-import json
 import logging
 import os
 import re
@@ -37,7 +37,22 @@ import sys
 import sysconfig
 import tarfile
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
+
+from sinklora.data.files import (  # noqa: F401  (read_json_records, load_hf_rows: re-exported)
+    RECORD_SUFFIXES,
+    TEXT_SUFFIXES,
+    OnError,
+    check_user_source,
+    import_datasets,  # noqa: F401  (re-exported)
+    is_saved_dataset,
+    is_single_text_file,
+    load_hf_rows,
+    read_json_records,
+    read_text_files,
+    source_path,
+    text_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +297,8 @@ _BUILTIN: dict[str, Callable[[], list[Document]]] = {
     "metamath": _metamath_documents,
     "python-stdlib": _python_stdlib_documents,
 }
-_SOURCE_FORMS = "a folder of .txt/.md files, FILE.json[l][:field], a saved dataset folder, or hf:NAME[:split[:field]]"
+_SOURCE_FORMS = ("a .txt/.md file, a folder of .txt/.md files, FILE.json[l][:field], a saved dataset folder, "
+                 "or hf:NAME[:split[:field]]")
 
 
 def known_sources() -> list[str]:
@@ -310,66 +326,17 @@ def records_to_documents(records: Iterable, field: str, origin: str) -> list[Doc
     return docs
 
 
-def read_json_records(path: Path) -> list[tuple[str, Any]]:
-    """``[(where, record)]`` from a JSON list (``.json``) or JSON Lines (``.jsonl``) file, where
-    ``where`` reads ``FILE: record N`` (1-based, plus the line number for JSONL)."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((f"{path}: record {len(rows) + 1} (line {n})", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {n} is not valid JSON ({e})") from None
-        return rows
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); JSON Lines files must end in .jsonl") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got a {type(data).__name__}")
-    return [(f"{path}: record {i + 1}", r) for i, r in enumerate(data)]
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    return any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
-
-
-def import_datasets():
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError("Hugging Face datasets need the `datasets` package: pip install datasets") from None
-    return datasets
-
-
-def load_hf_rows(name: str, split: str | None = "train"):
-    """A ``datasets.Dataset`` from a hub name or a saved folder (``save_to_disk``); lazily imports datasets."""
-    datasets = import_datasets()
-    split = split or "train"
-    if Path(name).is_dir() and _is_saved_dataset(Path(name)):
-        ds = datasets.load_from_disk(name)
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise ValueError(f"dataset {name!r} has no split {split!r}; it has {sorted(ds)}")
-            ds = ds[split]
-        return ds
-    return datasets.load_dataset(name, split=split)
-
-
 def _hf_documents(spec: str) -> list[Document]:
     name, split, field = (spec.split(":") + [None, None])[:3]
     ds = load_hf_rows(name, split)
     return records_to_documents(iter(ds), field or "text", Path(name).name or name)
 
 
-def _folder_documents(folder: Path) -> list[Document]:
-    files = sorted(f for f in folder.rglob("*") if f.suffix in (".txt", ".md") and f.is_file()
-                   and not any(p.startswith(".") for p in f.relative_to(folder).parts))
+def _folder_documents(folder: Path, on_error: OnError) -> list[Document]:
+    files = list(text_files(folder))
     docs = []
-    for f in files:
-        text = _clean(f.read_bytes().decode("utf-8", errors="replace"))
+    for f, text in read_text_files(files, on_error):
+        text = _clean(text)
         if text.strip():
             rel = f.relative_to(folder).as_posix()
             docs.append(Document(rel, rel, text))
@@ -379,25 +346,31 @@ def _folder_documents(folder: Path) -> list[Document]:
     return docs
 
 
-def source_path(source: str) -> tuple[Path, str]:
-    """A user source's path and text field: ``data.jsonl:body`` -> (data.jsonl, "body"); else (path, "text")."""
-    path, field = Path(source), "text"
-    if not path.exists() and ":" in source:
-        head, tail = source.rsplit(":", 1)
-        if Path(head).suffix in (".json", ".jsonl"):
-            path, field = Path(head), tail
-    return path, field
-
-
-def _user_documents(source: str) -> list[Document] | None:
+def _user_documents(source: str, on_error: OnError) -> list[Document] | None:
     if source.startswith("hf:"):
         return _hf_documents(source[3:])
     path, field = source_path(source)
-    if path.is_file() and path.suffix in (".json", ".jsonl"):
-        return records_to_documents((r for _, r in read_json_records(path)), field, path.stem)
+    if path.is_file() and path.suffix in RECORD_SUFFIXES:
+        return records_to_documents((r for _, r in read_json_records(path, on_error)), field, path.stem)
+    if path.is_file() and path.suffix in TEXT_SUFFIXES:  # one document (its own work)
+        return [Document(path.name, path.name, _clean(text)) for _, text in read_text_files([path], on_error)
+                if text.strip()]
     if path.is_dir():
-        return _hf_documents(source) if _is_saved_dataset(path) else _folder_documents(path)
+        return _hf_documents(source) if is_saved_dataset(path) else _folder_documents(path, on_error)
     return None
+
+
+def check_source(source: str, key: str = "data") -> str | None:
+    """Why ``source`` cannot be a corpus (named by the user's ``key``), from cheap checks; None if it may."""
+    if source in _BUILTIN:
+        return None
+    path, _ = source_path(source)
+    if not source.startswith("hf:") and not path.exists():
+        close = difflib.get_close_matches(source, known_sources(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return (f"{key}={source!r}: not a known corpus ({', '.join(known_sources())}) nor an existing path{hint}; "
+                f"also accepted: a .txt/.md file, {_SOURCE_FORMS}")
+    return check_user_source(source, key)
 
 
 # ----------------------------------------------------------------------------- split and entry point
@@ -428,15 +401,17 @@ def split_documents(docs: list[Document], split: str) -> list[Document]:
     return [d for d in docs if (d.work in held) == (split == "heldout")]
 
 
-def load_documents(source: str, split: str = "all") -> list[Document]:
+def load_documents(source: str, split: str = "all", on_error: OnError = "fail") -> list[Document]:
     """Documents of ``source`` (a built-in name, a path, or ``hf:NAME[:split[:field]]``) for ``split``
-    in {"train", "heldout", "all"}; the split is by work (:func:`heldout_works`)."""
+    in {"train", "heldout", "all"}; the split is by work (:func:`heldout_works`). A single .txt/.md file
+    is one document, used whole for every split. User files that are not UTF-8 text fail naming the
+    file and line, or with ``on_error="skip"`` are skipped (counted)."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: must be one of {', '.join(SPLITS)}")
     if source in _BUILTIN:
         docs = _BUILTIN[source]()
     else:
-        docs = _user_documents(source)
+        docs = _user_documents(source, on_error)
         if docs is None:
             close = difflib.get_close_matches(source, known_sources(), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -445,7 +420,11 @@ def load_documents(source: str, split: str = "all") -> list[Document]:
     if not docs:
         raise ValueError(f"source {source!r} holds no non-empty documents "
                          f"(looked for .txt/.md files, JSON records with text, or dataset rows)")
-    out = split_documents(docs, split)
+    if is_single_text_file(source):
+        log.info("%s is one text file: used whole for split=%s", source, split)
+        out = docs
+    else:
+        out = split_documents(docs, split)
     if not out:
         raise ValueError(f"source {source!r} has {len({d.work for d in docs})} work(s); split={split!r} is empty "
                          "(a held-out split needs >= 2 works): use split=all or add documents")

@@ -78,7 +78,7 @@ def load_instructions(source: str | Path, *, columns: dict[str, str] | None = No
     source = str(source)
     path = Path(source)
     if path.is_file():
-        rows = read_json_records(path)
+        rows = read_json_records(path, on_error)
     elif source.startswith("hf:") or path.is_dir():
         name, split = (source.removeprefix("hf:").split(":") + [None])[:2]
         rows = [(f"{name}[{split or 'train'}]: record {i + 1}", r) for i, r in enumerate(load_hf_rows(name, split))]

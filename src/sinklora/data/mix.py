@@ -7,11 +7,13 @@ they sum to ``total`` and each is within 1 of ``total * ratio``. Each record get
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 from pathlib import Path
 
+from sinklora import atomic
 from sinklora.data.instruct import load_instructions, user_content
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,11 @@ def mix_sources(sources: dict[str, float], total: int, seed: int = 0, allow_repl
     return mixed
 
 
+def write_jsonl(records: list[dict], path: str | Path) -> Path:
+    """One JSON object per line, written to a temporary file renamed into place (never half a file)."""
+    return atomic.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
 def record_tokens(records: list[dict], tokenizer) -> list[int]:
     """Tokens of each record's user turn plus response (no chat template)."""
     texts = [user_content(r) + "\n" + r["output"] for r in records]
@@ -93,7 +100,7 @@ def length_report(records: list[dict], lengths: list[int], png: str | Path | Non
         ax.set_title(f"length distribution of {len(lengths)} records")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        Path(png).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(png, dpi=120)
+        with atomic.atomic_path(png) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
     return "\n".join(rows)

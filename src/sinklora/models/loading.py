@@ -233,17 +233,60 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Any:
     return tokenizer
 
 
+def is_adapter_folder(path: str | os.PathLike) -> bool:
+    return (Path(str(path)).expanduser() / "adapter_config.json").is_file()
+
+
+def adapter_base(adapter: str | os.PathLike) -> str:
+    """The base model an adapter folder was trained on: its sinklora record, else peft's adapter_config."""
+    record = rope.load_context_record(Path(adapter).expanduser()) or {}
+    base = record.get("base_model")
+    if not base:
+        peft_config = json.loads((Path(adapter).expanduser() / "adapter_config.json").read_text())
+        base = peft_config.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"adapter={str(adapter)!r} does not name its base model; pass model=<the base> too")
+    return str(base)
+
+
+def split_adapter(name_or_path: str | os.PathLike, adapter: str | os.PathLike | None) -> tuple[str, Any]:
+    """``(base, adapter)``: a model given as an adapter folder stands for its base plus that adapter."""
+    if adapter is None and is_adapter_folder(name_or_path):
+        return adapter_base(name_or_path), Path(str(name_or_path)).expanduser()
+    if adapter is not None and not is_adapter_folder(adapter):
+        raise ValueError(f"adapter={str(adapter)!r}: no adapter_config.json there; give a peft adapter folder")
+    return str(name_or_path), adapter
+
+
 def load_config(name_or_path: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
                 context_len: int | None = None, original_len: int | None = None, rope_rounding: str = "ceil") -> Any:
-    """The model config, checked, with an adapter's RoPE record and/or a context extension applied."""
+    """The model config, checked, with an adapter's RoPE record and/or a context extension applied.
+
+    ``name_or_path`` may be an adapter folder (its base and its record are used). Warns when the
+    adapter's record says it was trained on a base with other RoPE settings, and when ``context_len``
+    moves the positions away from the ones the adapter was trained with.
+    """
     from transformers import AutoConfig
 
+    name_or_path, adapter = split_adapter(name_or_path, adapter)
     config = AutoConfig.from_pretrained(resolve_model(name_or_path))
     check_supported(config)
-    if adapter is not None and (record := rope.load_context_record(adapter)) is not None:
+    record = rope.load_context_record(adapter) if adapter is not None else None
+    if adapter is not None and record is None:
+        logger.info("adapter %s has no %s: the base's own RoPE settings are used", adapter, rope.CONTEXT_RECORD)
+    if record is not None:
+        if (problem := rope.record_mismatch(config, record)) is not None:
+            logger.warning("adapter=%s on model=%s: %s; is this the base it was trained on?", adapter, name_or_path,
+                           problem)
         rope.apply_context_record(config, record)
     if context_len is not None:
+        trained = rope.current_factor(config)
         rope.extend_context(config, context_len, original_len=original_len, rounding=rope_rounding)
+        if record is not None and rope.current_factor(config) != trained:
+            logger.warning("context_len=%d sets RoPE factor %g, but adapter=%s was trained with factor %g "
+                           "(%d tokens): its weights expect those positions; omit context_len to use them",
+                           context_len, rope.current_factor(config), adapter, trained,
+                           record["max_position_embeddings"])
     return config
 
 
@@ -263,6 +306,8 @@ def load_model(
 
     ``dtype``: None/'auto' (as stored), a torch.dtype or 'float32'/'bfloat16'/'float16'.
     ``device``: None (where it loads), 'auto' (CUDA when available), or a torch device.
+    ``name_or_path`` may also be an adapter folder: its recorded base, context extension and weights
+    (one call for a ``sinklora train`` output_dir; an exported folder loads as any model folder).
     ``adapter``: a peft adapter folder (e.g. saved by :func:`sinklora.models.lora.save_adapter`); the RoPE
     settings it was trained with (``sinklora_context.json``) are applied to the base config first.
     ``context_len``: extend the context by linear position interpolation (:func:`rope.extend_context`),
@@ -271,8 +316,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise ValueError(f"adapter={str(adapter)!r}: no adapter_config.json there; give a peft adapter folder")
+    name_or_path, adapter = split_adapter(name_or_path, adapter)
     path = resolve_model(name_or_path)
     config = load_config(path, adapter=adapter, context_len=context_len, original_len=original_len,
                          rope_rounding=rope_rounding)
@@ -282,12 +326,9 @@ def load_model(
         path, config=config, dtype=as_dtype(dtype), attn_implementation=attn_implementation
     )
     if adapter is not None:
-        from peft import PeftModel
+        from sinklora.models.lora import load_adapter
 
-        from sinklora.models.lora import quiet_peft
-
-        with quiet_peft():
-            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=is_trainable)
+        model = load_adapter(model, adapter, is_trainable=is_trainable)
     device = resolve_device(device)
     if device is not None:
         model = model.to(device)

@@ -4,7 +4,9 @@ The extra weights are peft ``modules_to_save``, so ``save_pretrained`` writes th
 and ``merge_and_unload`` puts them into the merged model (setting ``requires_grad`` by hand, LongLoRA's
 way, trains them but never saves them). Models with tied input/output embeddings (SmolLM2, Llama-3.2)
 use peft's ``ensure_weight_tying``: the output layer shares the trained embedding copy, during
-training, in the saved adapter and after reloading.
+training, in the saved adapter and after reloading. peft writes that shared matrix twice (once per
+module); :func:`store_tied_once` keeps one copy and names the other in the file's metadata
+(:data:`TIED_METADATA`), and :func:`load_adapter` puts it back (SmolLM2: 113 MB saved per adapter).
 
 Activation checkpointing needs no ``enable_input_require_grads()`` from us: with LoRA+ the embedding is
 trainable, so the first checkpointed block's input already requires grad; and for plain LoRA
@@ -15,14 +17,17 @@ hook itself and defaults to non-reentrant checkpointing.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sinklora import atomic
 from sinklora.config import option
 from sinklora.models import rope
 
@@ -148,10 +153,155 @@ def trainable_counts(peft_model: Any) -> dict[str, int]:
     return counts
 
 
-def save_adapter(peft_model: Any, folder: str | os.PathLike) -> Path:
-    """``save_pretrained`` plus the base config's RoPE settings (read back by ``load_model(adapter=...)``),
-    so an adapter trained at an extended context is evaluated with that context."""
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# safetensors metadata key of an adapter file whose tied tensors are stored once: JSON {dropped key: kept key}
+TIED_METADATA = "sinklora_tied"
+
+
+def tied_keys(peft_model: Any) -> dict[str, str]:
+    """``{key: key it shares its tensor with}`` among the adapter's saved tensors (the tied output layer)."""
+    from peft import get_peft_model_state_dict
+
+    first: dict[int, str] = {}
+    tied = {}
+    for key, tensor in get_peft_model_state_dict(peft_model).items():
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in first:
+            tied[key] = first[ptr]
+        else:
+            first[ptr] = key
+    return tied
+
+
+def read_tied(weights_file: str | os.PathLike) -> dict[str, str]:
+    """The :data:`TIED_METADATA` of an adapter weights file ({} for a file that stores every tensor)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights_file), "pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta.get(TIED_METADATA, "{}"))
+
+
+def store_tied_once(folder: str | os.PathLike, tied: dict[str, str]) -> int:
+    """Rewrite ``folder``'s adapter file without the tied duplicates ``tied`` (atomically); returns bytes saved."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(folder) / ADAPTER_WEIGHTS
+    if not tied or not path.is_file():
+        return 0
+    weights = load_file(path)
+    if not all(k in weights for k in tied):
+        return 0  # already stored once
+    for dropped, kept in tied.items():
+        if not torch.equal(weights[dropped], weights[kept]):
+            raise RuntimeError(f"{path}: {dropped} should be tied to {kept} but differs; not deduplicating")
+    before = path.stat().st_size
+    for dropped in tied:
+        del weights[dropped]
+    with atomic.atomic_path(path) as tmp:
+        save_file(weights, tmp, metadata={"format": "pt", TIED_METADATA: json.dumps(tied, sort_keys=True)})
+    usual_permissions(path)
+    return before - path.stat().st_size
+
+
+def restore_tied(folder: str | os.PathLike) -> None:
+    """Write the tied duplicates back into ``folder``'s adapter file (atomically), for readers that need
+    every key, like the Trainer resuming a checkpoint through ``PeftModel.load_adapter``."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(folder) / ADAPTER_WEIGHTS
+    tied = read_tied(path)
+    if not tied:
+        return
+    weights = load_file(path)
+    for dropped, kept in tied.items():
+        weights[dropped] = weights[kept].clone()
+    with atomic.atomic_path(path) as tmp:
+        save_file(weights, tmp, metadata={"format": "pt"})
+    usual_permissions(path)
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask would race with other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def usual_permissions(*paths: str | os.PathLike) -> None:
+    """Give files 0666 and folders 0777 minus the umask (e.g. 0644 / 0755): safetensors and tempfile create
+    owner-only files, which other users of a shared run folder or model cache could not read."""
+    mask = _umask()
+    for p in map(Path, paths):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def save_adapter(peft_model: Any, folder: str | os.PathLike, base_model: str | None = None) -> Path:
+    """``save_pretrained`` with the tied embedding stored once, the base config's RoPE settings (read back
+    by ``load_model(adapter=...)``, so an adapter trained at an extended context is evaluated with that
+    context), and a model card (README.md) that says how to load it without sinklora.
+
+    ``base_model``: the name the base was loaded by (alias, hub id or folder); default: peft's record.
+    Every file appears atomically.
+    """
     folder = Path(folder)
-    peft_model.save_pretrained(folder)
-    rope.save_context_record(peft_model.get_base_model().config, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".adapter-", dir=folder) as tmp:
+        staged = Path(tmp)
+        peft_model.save_pretrained(staged)
+        finish_adapter_folder(staged, peft_model, base_model)
+        for f in sorted(staged.iterdir()):  # the weights first: a reader never sees a record without them
+            os.replace(f, folder / f.name)
     return folder
+
+
+def finish_adapter_folder(folder: str | os.PathLike, peft_model: Any, base_model: str | None = None,
+                          tied: dict[str, str] | None = None) -> None:
+    """What sinklora adds to a folder peft saved (an adapter or a Trainer checkpoint): the tied tensors
+    stored once, the RoPE record naming the base, the model card, and the usual file permissions."""
+    from sinklora.models.card import write_adapter_card
+
+    folder = Path(folder)
+    peft_config = peft_model.peft_config[peft_model.active_adapter]
+    tied = tied_keys(peft_model) if tied is None else tied
+    store_tied_once(folder, tied)
+    record = rope.save_context_record(peft_model.get_base_model().config, folder,
+                                      base_model=_portable(base_model or peft_config.base_model_name_or_path))
+    write_adapter_card(folder, json.loads(record.read_text()), peft_config, tied)
+    usual_permissions(*(f for f in folder.iterdir() if f.is_file()))
+
+
+def _portable(base_model: str) -> str:
+    """A base named by a local folder is recorded as its absolute path (found again from any directory)."""
+    path = Path(base_model).expanduser()
+    return str(path.resolve()) if path.exists() else base_model
+
+
+def load_adapter(model: Any, folder: str | os.PathLike, *, is_trainable: bool = False) -> Any:
+    """``PeftModel.from_pretrained`` that also reads adapters whose tied tensors are stored once."""
+    from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    tied = read_tied(folder / ADAPTER_WEIGHTS) if (folder / ADAPTER_WEIGHTS).is_file() else {}
+    with quiet_peft():
+        if not tied:
+            return PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
+        config = PeftConfig.from_pretrained(str(folder))
+        config.inference_mode = not is_trainable
+        peft_model = PeftModel(model, config)
+    weights = load_file(folder / ADAPTER_WEIGHTS)
+    for dropped, kept in tied.items():
+        weights[dropped] = weights[kept]
+    result = set_peft_model_state_dict(peft_model, weights)
+    missing = [k for k in result.missing_keys if ".lora_" in k or ".modules_to_save." in k]
+    if missing:
+        raise ValueError(f"adapter={str(folder)!r}: {ADAPTER_WEIGHTS} lacks {len(missing)} tensors, e.g. {missing[0]}")
+    if not ties_embeddings(peft_model.get_base_model()):
+        raise RuntimeError(f"adapter={str(folder)!r}: the output layer did not come back tied to the embedding")
+    return peft_model if is_trainable else peft_model.eval()

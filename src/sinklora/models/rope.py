@@ -6,10 +6,12 @@ Position interpolation (Chen et al. 2023, used by LongLoRA and SinkLoRA) divides
 ``config.rope_parameters = {..., "rope_type": "linear", "factor": s}``; the rotary embedding divides
 its inverse frequencies by ``s`` (``p * (inv_freq / s) == (p / s) * inv_freq``).
 
-We also record the pretraining length in ``rope_parameters["original_max_position_embeddings"]`` so
-that extending an already extended config is relative to the original length (idempotent, exact)
-rather than stacking factors. transformers' linear validator does not know that key and logs an
-"Unrecognized keys" warning on load; the key is otherwise ignored by the rotary embedding.
+We also record the pretraining length as the top-level config attribute
+``original_max_position_embeddings`` so that extending an already extended config is relative to the
+original length (idempotent, exact) rather than stacking factors. It sits beside, not inside,
+``rope_parameters``: transformers' linear validator warns about unknown keys there, while a top-level
+attribute is kept silently (Phi-3's convention) and ignored by linear RoPE. Records written before this
+change kept it inside ``rope_parameters``; they are still read.
 """
 
 from __future__ import annotations
@@ -40,10 +42,22 @@ def _rope_parameters(config: Any) -> dict:
     return params
 
 
+def _recorded_original(config: Any) -> int | None:
+    recorded = getattr(config, ORIGINAL_KEY, None) or _rope_parameters(config).get(ORIGINAL_KEY)
+    return int(recorded) if recorded else None
+
+
 def original_length(config: Any) -> int:
     """The pretraining context length: the recorded original, else ``max_position_embeddings``."""
+    return _recorded_original(config) or int(config.max_position_embeddings)
+
+
+def rope_summary(config: Any) -> dict:
+    """What decides the positions: ``{rope_type, factor, rope_theta, max_position_embeddings, original}``."""
     params = _rope_parameters(config)
-    return int(params.get(ORIGINAL_KEY) or config.max_position_embeddings)
+    return {"rope_type": params.get("rope_type", params.get("type", "default")), "factor": current_factor(config),
+            "rope_theta": float(params["rope_theta"]), "max_position_embeddings": int(config.max_position_embeddings),
+            "original": original_length(config)}
 
 
 def current_factor(config: Any) -> float:
@@ -93,23 +107,25 @@ def extend_context(
             f"config.rope_parameters['rope_type']={rope_type!r}: only 'default' and 'linear' RoPE can be extended "
             "by position interpolation"
         )
-    if rope_type == "linear" and ORIGINAL_KEY not in params and original_len is None:
+    recorded = _recorded_original(config)
+    if rope_type == "linear" and recorded is None and original_len is None:
         raise ValueError(
             f"config already has linear RoPE scaling (factor {params.get('factor')}) but no record of the "
             f"pretraining length ({ORIGINAL_KEY}); pass original_len=<pretraining context length> so the new "
             "factor is target_len / original_len"
         )
-    recorded = params.get(ORIGINAL_KEY)
     if original_len is None:
-        original_len = int(recorded or config.max_position_embeddings)
-    elif recorded is not None and int(recorded) != original_len:
+        original_len = recorded or int(config.max_position_embeddings)
+    elif recorded is not None and recorded != original_len:
         logger.warning("original_len=%d overrides the recorded %s=%s", original_len, ORIGINAL_KEY, recorded)
 
     factor = interpolation_factor(target_len, original_len, rounding)
     if factor <= 1.0:
         logger.info("target_len=%d <= original length %d: RoPE left unchanged", target_len, original_len)
         return current_factor(config)
-    config.rope_parameters = {**params, "rope_type": "linear", "factor": factor, ORIGINAL_KEY: original_len}
+    params = {k: v for k, v in params.items() if k not in (ORIGINAL_KEY, "type")}
+    config.rope_parameters = {**params, "rope_type": "linear", "factor": factor}
+    setattr(config, ORIGINAL_KEY, int(original_len))
     config.max_position_embeddings = int(target_len)
     logger.info(
         "position interpolation: %d -> %d tokens, linear RoPE factor %g", original_len, target_len, factor
@@ -119,20 +135,41 @@ def extend_context(
 
 def context_record(config: Any) -> dict:
     """The RoPE settings of ``config`` as a JSON-able dict (saved beside an adapter)."""
-    params = dict(_rope_parameters(config))
-    return {"rope_parameters": params, "max_position_embeddings": config.max_position_embeddings}
+    params = {k: v for k, v in _rope_parameters(config).items() if k != ORIGINAL_KEY}
+    return {"rope_parameters": params, "max_position_embeddings": int(config.max_position_embeddings),
+            ORIGINAL_KEY: original_length(config)}
 
 
 def apply_context_record(config: Any, record: dict) -> None:
     """Put a :func:`context_record` back into ``config`` (before the model is built from it)."""
-    config.rope_parameters = dict(record["rope_parameters"])
+    params = dict(record["rope_parameters"])
+    original = record.get(ORIGINAL_KEY) or params.pop(ORIGINAL_KEY, None)  # older records kept it inside
+    params.pop(ORIGINAL_KEY, None)
+    config.rope_parameters = params
     config.max_position_embeddings = int(record["max_position_embeddings"])
+    if original:
+        setattr(config, ORIGINAL_KEY, int(original))
 
 
-def save_context_record(config: Any, folder: str | Path) -> Path:
-    path = Path(folder) / CONTEXT_RECORD
-    path.write_text(json.dumps(context_record(config), indent=2, sort_keys=True) + "\n")
-    return path
+def record_mismatch(base_config: Any, record: dict) -> str | None:
+    """Why an adapter trained with ``record`` does not fit a base with ``base_config`` (different RoPE
+    theta or pretraining length: probably another base model), or None."""
+    theta = float(record["rope_parameters"]["rope_theta"])
+    base_theta = float(_rope_parameters(base_config)["rope_theta"])
+    original = record.get(ORIGINAL_KEY) or record["rope_parameters"].get(ORIGINAL_KEY)
+    base_original = original_length(base_config)
+    if theta != base_theta or (original and int(original) != base_original):
+        return (f"the adapter was trained on a base with rope_theta={theta:g} and a {original}-token pretraining "
+                f"context, but this base has rope_theta={base_theta:g} and {base_original} tokens")
+    return None
+
+
+def save_context_record(config: Any, folder: str | Path, **extra: Any) -> Path:
+    """Write :func:`context_record` (plus ``extra`` keys, e.g. ``base_model``) atomically."""
+    from sinklora import atomic
+
+    return atomic.write_text(Path(folder) / CONTEXT_RECORD,
+                             json.dumps({**context_record(config), **extra}, indent=2, sort_keys=True) + "\n")
 
 
 def load_context_record(folder: str | Path) -> dict | None:

@@ -40,6 +40,13 @@ def improvement_ratio(ppl_base: float, ppl_method: float, ppl_full: float) -> fl
 
 
 def run(cfg: CompareConfig) -> dict:
+    from sinklora.models.loading import load_tokenizer
+
+    probe = cfg.extension("full", cfg.output_dir)
+    extend.resolve_preset(probe)  # the same evaluation settings as a `sinklora train` run would use
+    e = probe.eval
+    # the held-out documents are read and checked before any training (each method's run checks its data)
+    eval_data = extend.eval_documents(e, load_tokenizer(cfg.model), cfg.on_error)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -55,9 +62,6 @@ def run(cfg: CompareConfig) -> dict:
             ecfg.overwrite = Path(ecfg.output_dir).exists()
             trained[method] = extend.run(ecfg)
     budget = trained[cfg.methods[0]]["budget"]
-    probe = cfg.extension("full", str(out))
-    extend.resolve_preset(probe)  # the same evaluation settings as a `sinklora train` run would use
-    e = probe.eval
     dtype = "bfloat16" if runtime.use_bf16("auto") else "float32"
 
     def _eval(label: str, adapter: str | None) -> dict:
@@ -65,7 +69,7 @@ def run(cfg: CompareConfig) -> dict:
                                                      "rope_rounding": cfg.rope_rounding}
         model, tok = load_model(cfg.model, adapter=adapter, dtype=dtype, device="auto", **extension)
         t0 = time.perf_counter()
-        res = extend.evaluate(model, tok, e, label)
+        res = extend.evaluate(model, tok, e, label, eval_data)
         res["eval_seconds"] = round(time.perf_counter() - t0, 1)
         del model
         return res

@@ -22,11 +22,11 @@ SFT_DEFAULTS = {"learning_rate": LEARNING_RATE, "warmup_steps": WARMUP_STEPS}
 PRESETS = {
     # a smoke-scale run for a 2-core CPU: it exercises every stage in minutes, it does not extend much
     "cpu-smoke": dict(target_len=16384, train_len=1024, max_steps=6, learning_rate=2e-4, warmup_steps=2,
-                      save_steps=3, eval_length=9216, eval_docs=1, passkey_depths=[0.5], passkey_trials=1),
+                      save_steps=3, eval_length=9216, eval_docs=1, passkey_depths=[0.5], passkey_trials=1, loss_rows=6),
     # the paper's recipe at SmolLM2 scale on one GPU: 8k -> 32k, 200 steps of 32k tokens
     "gpu": dict(target_len=32768, train_len=32768, max_steps=200, learning_rate=LEARNING_RATE, warmup_steps=WARMUP_STEPS,
                 save_steps=50, eval_length=32768, eval_docs=4, passkey_depths=[0.0, 0.25, 0.5, 0.75, 1.0],
-                passkey_trials=2),
+                passkey_trials=2, loss_rows=4),
 }
 
 
@@ -39,6 +39,29 @@ class EvalSettings:
     passkey_trials: int | None = option(None, "passkey trials per depth (default: from the preset)")
     passkey_depths: list[float] | None = option(None, "passkey depths in [0, 1] (default: from the preset)")
     seed: int = option(0, "passkey seed")
+    loss_rows: int | None = option(None, "training rows whose mean loss (training attention) is measured before "
+                                         "and after training: the same rows, so the two numbers compare; 0 = "
+                                         "none (default: from the preset)")
+
+    def validate(self) -> list[str]:
+        from sinklora.data.corpora import check_source
+
+        errors = []
+        if self.length is not None and self.length < 64:
+            errors.append(f"length={self.length}: must be at least 64 tokens (a passkey prompt needs room), "
+                          "e.g. the target length")
+        for name in ("docs", "passkey_trials"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                errors.append(f"{name}={value}: must be >= 1")
+        if self.passkey_depths is not None and (not self.passkey_depths
+                                                or any(not 0 <= d <= 1 for d in self.passkey_depths)):
+            errors.append(f"passkey_depths={self.passkey_depths}: give depths between 0.0 and 1.0, e.g. [0.5]")
+        if self.loss_rows is not None and self.loss_rows < 0:
+            errors.append(f"loss_rows={self.loss_rows}: must be >= 0 (0 = no fixed-row loss)")
+        if self.corpus is not None and (problem := check_source(self.corpus, "corpus")):
+            errors.append(problem)
+        return errors
 
 
 @dataclass
@@ -47,7 +70,10 @@ class ExtensionSettings:
 
     model: str = option(DEFAULT_MODEL, "hub id, local folder, or the default model's alias")
     preset: Literal["auto", "cpu-smoke", "gpu"] = option("auto", "budget defaults: auto = gpu on CUDA, else cpu-smoke")
-    data: str = option("books", "training documents: a corpus name, a folder, a .json/.jsonl file, or hf:NAME")
+    data: str = option("books", "training documents: a corpus name, a .txt/.md file, a folder, a .json/.jsonl file, "
+                                "or hf:NAME")
+    on_error: Literal["fail", "skip"] = option("fail", "text files that are not UTF-8 (or binary): fail naming the "
+                                                       "file and line, or skip them (counted)")
     target_len: int | None = option(None, "context length to extend to (RoPE factor = target / original)")
     original_len: int | None = option(None, "pretraining context length (default: the model config's); a smaller "
                                             "value makes a proxy experiment at short lengths (CPU)")
@@ -58,18 +84,24 @@ class ExtensionSettings:
     train: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalSettings = field(default_factory=EvalSettings)
 
+    def evaluates(self) -> bool:
+        """Whether the run evaluates on held-out documents (``compare`` always does)."""
+        return self.eval.enabled
+
     def validate(self) -> list[str]:
-        from sinklora.data.corpora import known_sources, source_path
+        from sinklora.data.corpora import check_source, is_single_text_file
 
         errors = []
         for name in ("target_len", "original_len", "train_len"):
             value = getattr(self, name)
             if value is not None and value < 2:
                 errors.append(f"{name}={value}: must be at least 2 tokens")
-        if self.data not in known_sources() and not self.data.startswith("hf:"):
-            if not source_path(self.data)[0].exists():
-                errors.append(f"data={self.data!r}: not a known corpus ({', '.join(known_sources())}) nor an "
-                              "existing folder/.json/.jsonl file; give one of those or hf:NAME")
+        if (problem := check_source(self.data, "data")) is not None:
+            errors.append(problem)
+        elif self.evaluates() and is_single_text_file(self.data) and self.eval.corpus in (None, self.data):
+            errors.append(f"data={self.data!r} is one document, so nothing is left to hold out for the evaluation: "
+                          "set eval.corpus to other text (a file or folder)" +
+                          (" or eval.enabled=false" if isinstance(self, ExtendConfig) else ""))
         return errors
 
 
@@ -186,6 +218,9 @@ class CompareConfig(ExtensionSettings):
     methods: list[str] = option(factory=lambda: ["full", "s2", "sf"],
                                 help="attention methods; a variant adds settings: sf:sink_tokens=8,shifted_head_fraction=0")
     overwrite: bool = option(False, "retrain methods whose folder already holds a run")
+
+    def evaluates(self) -> bool:
+        return True
 
     def validate(self) -> list[str]:
         errors = super().validate()

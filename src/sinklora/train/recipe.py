@@ -15,12 +15,13 @@ from typing import Any
 
 import torch
 
-from sinklora import runtime
+from sinklora import atomic, runtime
 from sinklora.config import save_config, to_dict
 from sinklora.defaults import LEARNING_RATE, WARMUP_STEPS
 from sinklora.runtime import use_bf16
 from sinklora.models.lora import LoraSettings
 from sinklora.settings import TrainingConfig
+from sinklora.train.checkpoints import CheckpointTidy, last_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +29,6 @@ RESOLVED_CONFIG = "sinklora_config.yaml"
 
 
 # ---- the output folder ---------------------------------------------------------------------------
-
-
-def last_checkpoint(output_dir: Path) -> Path | None:
-    """The newest *complete* checkpoint (its trainer_state.json is written last); a half-written one
-    left by a kill is ignored."""
-    done = [p for p in output_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
 def _comparable(cfg: dict) -> dict:
@@ -55,7 +49,7 @@ def prepare_output_dir(cfg: Any) -> Path | None:
     out = Path(cfg.output_dir)
     saved = out / RESOLVED_CONFIG
     if not runtime.is_main_process():  # rank 0 decides (and refuses); the others must not race its writes
-        return last_checkpoint(out) if cfg.resume and out.is_dir() else None
+        return last_checkpoint(out, warn=False) if cfg.resume and out.is_dir() else None
     if out.exists() and any(out.iterdir()):
         if cfg.overwrite:
             logger.warning("overwrite=true: deleting the previous run in %s", out)
@@ -76,6 +70,7 @@ def prepare_output_dir(cfg: Any) -> Path | None:
                 logger.warning("resume=true but %s has no complete checkpoint: starting from step 0", out)
             else:
                 logger.info("resuming from %s", ckpt)
+            save_config(cfg, saved)  # the saved config says what this run does (e.g. a new max_steps)
             return ckpt
     elif cfg.resume:
         logger.warning("resume=true but %s holds no run yet: starting a fresh one", out)
@@ -94,9 +89,10 @@ def build_model(model_name: str, target_len: int, *, original_len: int | None, r
     ``adapter``: continue training a sinklora adapter (e.g. SFT after context extension); its RoPE
     record is applied first, so the extension is kept (extending again to the same length is a no-op).
     """
-    from sinklora.models.loading import load_model
+    from sinklora.models.loading import load_model, split_adapter
     from sinklora.models.lora import apply_lora_plus
 
+    model_name, adapter = split_adapter(model_name, adapter)  # a model given as an adapter folder continues it
     dtype = torch.bfloat16 if use_bf16(precision) else torch.float32
     model, tokenizer = load_model(model_name, adapter=adapter, dtype=dtype, context_len=target_len,
                                   original_len=original_len, rope_rounding=rope_rounding, is_trainable=True)
@@ -110,11 +106,13 @@ def build_model(model_name: str, target_len: int, *, original_len: int | None, r
 
 
 def make_trainer(model, tokenizer, dataset, tcfg: TrainingConfig, output_dir: Path, *, tokens_per_row: int,
-                 collator=None, callbacks: list | None = None, longest_row: int | None = None):
+                 collator=None, callbacks: list | None = None, longest_row: int | None = None,
+                 base_model: str | None = None):
     """An HF Trainer with the paper's recipe: AdamW, warm-up then constant LR, bf16 on GPU.
 
     ``tcfg.max_steps`` must be resolved (presets); ``tokens_per_row`` (tokens in one dataset item) makes
-    the logged ``tokens_per_s``; ``longest_row``: rows vary up to it (sequence parallelism on CPU pads to it).
+    the logged ``tokens_per_s``; ``longest_row``: rows vary up to it (sequence parallelism on CPU pads to it);
+    ``base_model`` (the name the base was loaded by) goes into each checkpoint's record and model card.
     """
     from transformers import Trainer, default_data_collator
 
@@ -147,6 +145,8 @@ def make_trainer(model, tokenizer, dataset, tcfg: TrainingConfig, output_dir: Pa
         disable_tqdm=False,
         **sequence_parallel.trainer_options(sp),
     )
+    from sinklora.models.lora import tied_keys
+
     collator = collator or default_data_collator
     if sp > 1:  # Ulysses: N processes share each row (hf/sequence_parallel.py)
         collator = sequence_parallel.ShardableBatches(collator, sp, tokenizer.pad_token_id, longest_row)
@@ -159,7 +159,7 @@ def make_trainer(model, tokenizer, dataset, tcfg: TrainingConfig, output_dir: Pa
         train_dataset=dataset,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[ThroughputCallback(tokens_per_step)] + list(callbacks or []),
+        callbacks=[ThroughputCallback(tokens_per_step), CheckpointTidy(tied_keys(model), base_model)] + list(callbacks or []),
     )
 
 
@@ -188,23 +188,27 @@ def ThroughputCallback(tokens_per_step: int):
     return _Throughput()
 
 
-def train_and_save(trainer, output_dir: Path, resume_from: Path | None) -> dict:
-    """Run (or resume) training, then save the adapter (LoRA + embeddings + norms + RoPE record), the
-    tokenizer, the log history and a loss plot. Returns a summary."""
+def train_and_save(trainer, output_dir: Path, resume_from: Path | None, base_model: str | None = None) -> dict:
+    """Run (or resume) training, then save the adapter (LoRA + embeddings + norms + RoPE record + model
+    card naming ``base_model``), the tokenizer, the log history and a loss plot. Returns a summary."""
     from sinklora.eval.plots import plot_loss
-    from sinklora.models.lora import save_adapter
+    from sinklora.models.lora import restore_tied, save_adapter
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    if resume_from is not None:  # the Trainer reloads checkpoints through peft, which wants every tensor
+        if trainer.is_world_process_zero():
+            restore_tied(resume_from)
+        trainer.accelerator.wait_for_everyone()
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - t0
     history = trainer.state.log_history
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model)
-        save_adapter(model, output_dir)
+        save_adapter(model, output_dir, base_model=base_model)
         trainer.processing_class.save_pretrained(output_dir)
-        (output_dir / "log_history.json").write_text(json.dumps(history, indent=1))
+        atomic.write_text(output_dir / "log_history.json", json.dumps(history, indent=1))
         if any("loss" in h for h in history):
             plot_loss(history, output_dir / "loss.png")
     losses = [h["loss"] for h in history if "loss" in h]

@@ -259,9 +259,9 @@ def run(cfg: SFTConfig, callbacks: list | None = None) -> dict:
     trainer = make_trainer(model, tokenizer, BatchDataset(examples, batches), dataclasses.replace(tc, batch_size=1), out,
                            tokens_per_row=round(sum(lengths) / len(batches)),
                            collator=SFTCollator(tokenizer.pad_token_id, packed=cfg.batching == "packed"),
-                           callbacks=callbacks, longest_row=cfg.max_len)
+                           callbacks=callbacks, longest_row=cfg.max_len, base_model=cfg.model)
     with training_attention(model, cfg.attention.build(), tc.sequence_parallel):
-        summary = train_and_save(trainer, out, resume_from)
+        summary = train_and_save(trainer, out, resume_from, base_model=cfg.model)
     after = evaluate_tasks(model, tokenizer, task_records, label="after", **kw) if do_eval else None
     result = {"config": to_dict(cfg), "budget": budget, "data": data, "train": summary, "before": before, "after": after}
     if trainer.is_world_process_zero():
