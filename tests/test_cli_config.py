@@ -96,7 +96,7 @@ def test_help_into_a_closed_pipe_exits_quietly():
         assert proc.wait() == 141 and "BrokenPipeError" not in err and "Traceback" not in err, err
 
 
-@pytest.mark.parametrize("group, subcommands", [("eval", ["ppl", "passkey"]), ("data", ["mix", "tasks"]),
+@pytest.mark.parametrize("group, subcommands", [("eval", ["ppl", "passkey", "ruler", "longbench"]), ("data", ["mix", "tasks"]),
                                                 ("model", ["prepare"])])
 def test_command_groups_list_their_subcommands(group, subcommands, capsys):
     assert main([group, "--help"]) == 0

@@ -164,8 +164,10 @@ def test_train_refuses_a_size_the_model_cannot_split(tmp_path):
     model = tmp_path / "model"
     tiny_llama().save_pretrained(model)
     tiny_tokenizer().save_pretrained(model)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("To be, or not to be: that is the question. " * 40)
     cfg = load_config(ExtendConfig, overrides={
-        "model": str(model), "data": str(tmp_path), "output_dir": str(tmp_path / "out"), "target_len": 256,
+        "model": str(model), "data": str(doc), "output_dir": str(tmp_path / "out"), "target_len": 256,
         "train_len": 128, "attention": {"group_size": 32}, "eval": {"enabled": False},
         "train": {"sequence_parallel": 3, "deepspeed": str(REPO / "configs/deepspeed/zero2.json")}})
     with pytest.raises(ConfigError, match="num_attention_heads=4 is not divisible by 3"):

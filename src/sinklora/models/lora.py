@@ -162,14 +162,17 @@ def tied_keys(peft_model: Any) -> dict[str, str]:
     """``{key: key it shares its tensor with}`` among the adapter's saved tensors (the tied output layer)."""
     from peft import get_peft_model_state_dict
 
-    first: dict[int, str] = {}
+    first: dict[tuple, str] = {}
     tied = {}
     for key, tensor in get_peft_model_state_dict(peft_model).items():
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr in first:
-            tied[key] = first[ptr]
+        if not tensor.numel():
+            continue
+        # the same elements, not merely the same storage: DeepSpeed flattens all parameters into one buffer
+        where = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        if where in first:
+            tied[key] = first[where]
         else:
-            first[ptr] = key
+            first[where] = key
     return tied
 
 
@@ -184,6 +187,7 @@ def read_tied(weights_file: str | os.PathLike) -> dict[str, str]:
 
 def store_tied_once(folder: str | os.PathLike, tied: dict[str, str]) -> int:
     """Rewrite ``folder``'s adapter file without the tied duplicates ``tied`` (atomically); returns bytes saved."""
+    import torch
     from safetensors.torch import load_file, save_file
 
     path = Path(folder) / ADAPTER_WEIGHTS
@@ -207,6 +211,7 @@ def store_tied_once(folder: str | os.PathLike, tied: dict[str, str]) -> int:
 def restore_tied(folder: str | os.PathLike) -> None:
     """Write the tied duplicates back into ``folder``'s adapter file (atomically), for readers that need
     every key, like the Trainer resuming a checkpoint through ``PeftModel.load_adapter``."""
+    import torch
     from safetensors.torch import load_file, save_file
 
     path = Path(folder) / ADAPTER_WEIGHTS
