@@ -91,6 +91,9 @@ stage_prepare() {  # the default model, from the two carried halves of its GGUF 
 }
 
 stage_compare() {  # full vs s2 vs sf at 16k, run to the end: the improvement ratios
+  # every backend computes the same softmax (each is tested against the oracle, fused on this GPU in
+  # gpu_tests), so the ratios do not depend on it; fused compiles nothing, Flex would compile s2 and sf
+  export SINKLORA_ATTENTION_BACKEND=${COMPARE_BACKEND:-fused}
   if [ $DRY = 1 ]; then
     $PY -m sinklora.cli compare --config configs/compare-smollm2-cpu-proxy.yaml output_dir="$WORK/compare" \
         target_len=512 train_len=512 train.max_steps=1 train.warmup_steps=0 train.save_steps=1000 eval.length=512 \

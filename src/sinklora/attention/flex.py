@@ -9,9 +9,9 @@ back to an unfused implementation: compilation problems raise (``fail_on_recompi
 
 Index range: the kernels evaluate a ``mask_mod`` on whole blocks of :data:`BLOCK_SIZE` tokens, so with a
 length that is not a multiple of it they pass query and key indices up to the next multiple (PyTorch
-issue 137801; in torch 2.11+ the Triton kernels wrap them only in the blocks at the boundary). Every
+issue 137801; torch 2.13's Triton templates wrap them modulo the length only in boundary blocks). Every
 tensor a ``mask_mod`` captures (key padding, per-token document tables) is therefore padded to
-:func:`padded_length`, so no index can read outside it; ``tests/test_attention.py`` evaluates each
+:func:`padded_length`, so no index can read outside it; ``tests/test_attention_kernels.py`` evaluates each
 ``mask_mod`` eagerly over that whole range.
 """
 
