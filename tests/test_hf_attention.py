@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_llama
+
 from sinklora.attention import Pattern, build_mask
 from sinklora.hf.attention import use_attention
 
@@ -21,9 +21,12 @@ def _eager_logits_with_mask(model, ids, mask):
         model.set_attn_implementation(previous)
 
 
+@pytest.mark.parametrize("backend", [None, "grouped"])  # None: the device's rule (fused on CPU, s2_roll grouped)
 @pytest.mark.parametrize("pattern", ["s2", "sf", "s2_roll"])
 @pytest.mark.parametrize("heads", [(4, 2), (9, 3), (5, 5)])
-def test_model_logits_match_eager_with_dense_mask(pattern, heads):
+def test_model_logits_match_eager_with_dense_mask(pattern, heads, backend, monkeypatch):
+    if backend:
+        monkeypatch.setenv("SINKLORA_ATTENTION_BACKEND", backend)
     hq, hkv = heads
     model = tiny_llama(num_attention_heads=hq, num_key_value_heads=hkv, hidden_size=hq * 8)
     ids = torch.randint(0, 256, (2, 23))
@@ -144,3 +147,36 @@ def test_trainer_runs_with_sparse_attention(tmp_path):
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < losses[0] * 0.7
+
+
+def _host_reads_of_a_training_step(model, batch: dict, pattern: str) -> tuple[int, dict]:
+    from sinklora.attention.counters import OpCounter
+
+    with use_attention(model, pattern, **({} if pattern == "full" else {"group_size": 8})):
+        with OpCounter() as c:
+            model(**batch).loss.backward()
+    return c.host_reads, dict(c.reads)
+
+
+@pytest.mark.parametrize("pattern", ["full", "sf"])
+def test_host_reads_are_per_batch_not_per_layer(pattern):
+    """What reads device values back to the host (a GPU sync each) happens once per batch: the padding
+    check, the packed-document lengths. The count must not grow with the layers, activation
+    checkpointing's recomputation included."""
+    ids = torch.randint(0, 256, (1, 40))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, 30:] = 0
+    batches = {
+        "plain": {"input_ids": ids, "labels": ids},
+        "padded": {"input_ids": ids.expand(2, -1), "attention_mask": mask, "labels": ids.expand(2, -1)},
+        "packed": {"input_ids": ids, "labels": ids, "position_ids": torch.cat([torch.arange(15), torch.arange(25)])[None]},
+    }
+    one, two = tiny_llama(num_hidden_layers=1), tiny_llama(num_hidden_layers=2)
+    for model in (one, two):
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for kind, batch in batches.items():
+        _host_reads_of_a_training_step(one, batch, pattern)  # warm-up: per-shape tables are built once per process
+        reads1 = _host_reads_of_a_training_step(one, batch, pattern)
+        reads2 = _host_reads_of_a_training_step(two, batch, pattern)
+        assert reads1 == reads2 and reads2[0] <= 2, (kind, reads1, reads2)

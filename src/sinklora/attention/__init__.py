@@ -3,8 +3,8 @@
 - :class:`Pattern` (:mod:`.pattern`) is a pattern with its parameters, validated once; its resolved
   predicate, composed from :mod:`.masks`, is the definition; :func:`build_mask` evaluates it densely.
 - :func:`sparse_attention` (:mod:`.backends`) computes the softmax over exactly the keys the pattern
-  allows, on a backend chosen by capability: ``grouped`` (O(N x G) memory), ``flex`` (CUDA) or
-  ``reference`` (the dense oracle).
+  allows, on a backend chosen by capability: ``grouped`` (O(N x G) memory), ``fused`` (fused SDPA
+  per run of groups), ``flex`` (CUDA) or ``reference`` (the dense oracle).
 - Hugging Face models: :mod:`sinklora.hf.attention`.
 
 Names are re-exported lazily: importing this package (e.g. for :class:`Pattern` in a config) does not

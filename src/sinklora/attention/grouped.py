@@ -15,8 +15,10 @@ computed on a safe dummy row and discarded.
 
 Fast path: a "clean" group (G real tokens, none of them a sink) needs no table: its query a reads
 all S sinks and group keys 0..a, which is a causal mask aligned bottom-right on ``[sinks | group]``,
-run through PyTorch's fused causal SDPA (see :func:`_clean_attention`). Only the few irregular groups (the first, the
-short last ones, those holding sinks, and all groups when there is key padding) use the table.
+run through PyTorch's fused causal SDPA (:func:`sinklora.attention.fused.bottom_right_causal`). Only
+the few irregular groups (the first, the short last ones, those holding sinks, and all groups when
+there is key padding) use the table. On CUDA the ``fused`` backend (:mod:`.fused`) runs every group
+without gathers or tables; this backend stays the exact path for padded and packed batches there.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 
+from sinklora.attention.fused import bottom_right_causal
 from sinklora.attention.pattern import PatternSpec
 
 
@@ -122,22 +124,25 @@ def _table_attention(q_g, k_g, v_g, allowed, scale):
 
 
 def _clean_attention(q_g, k_g, v_g, scale):
-    """Clean groups through fused causal SDPA over keys [sinks | group].
-
-    Query a must read all S sinks and group keys 0..a: bottom-right causal alignment. PyTorch's fused
-    CPU kernels only take top-left ``is_causal``, so S dummy query rows go in front (then query S + a
-    reads keys 0..S + a, exactly right) and are dropped; they get no gradient and change nothing else.
-    """
+    """Clean groups through fused causal SDPA over keys [sinks | group], aligned bottom-right."""
     B, h, n, G, D = q_g.shape
-    S = k_g.shape[3] - G
-    if S:
-        q_g = torch.cat([q_g.new_zeros(B, h, n, S, D), q_g], dim=3)  # (B, h, n, S+G, D)
-    L = S + G
-    out = F.scaled_dot_product_attention(
-        q_g.reshape(B, h * n, L, D), k_g.reshape(B, h * n, L, D), v_g.reshape(B, h * n, L, D),
-        is_causal=True, scale=scale,
-    )
-    return out.view(B, h, n, L, D)[:, :, :, S:]
+    L = k_g.shape[3]
+    out = bottom_right_causal(q_g.reshape(B, h * n, G, D), k_g.reshape(B, h * n, L, D),
+                              v_g.reshape(B, h * n, L, D), scale)
+    return out.reshape(B, h, n, G, D)
+
+
+def _device_layouts(spec: PatternSpec, doc_lengths: tuple[int, ...], device: torch.device,
+                    batch_cache: dict | None) -> tuple[_Layout, ...]:
+    """The layouts on ``device``, copied there once per batch (every layer of a forward shares them)."""
+    key = ("grouped", spec, doc_lengths, str(device))
+    if batch_cache is not None and key in batch_cache:
+        return batch_cache[key]
+    moved = tuple(_Layout(lay.heads, lay.slot_token.to(device), lay.key_token.to(device), lay.allowed.to(device),
+                          lay.token_slot.to(device), lay.num_clean) for lay in _layouts(spec, doc_lengths))
+    if batch_cache is not None:
+        batch_cache[key] = moved
+    return moved
 
 
 def grouped_attention(
@@ -148,28 +153,29 @@ def grouped_attention(
     scale: float,
     key_padding_mask: torch.Tensor | None = None,
     doc_lengths: tuple[int, ...] | None = None,
+    batch_cache: dict | None = None,
 ) -> torch.Tensor:
     """q ``(B, Hq, N, D)``, k/v ``(B, Hkv, N, D)`` -> ``(B, Hq, N, D)``; see the module docstring.
 
     ``key_padding_mask`` ``(B, N)`` True = real token; ``doc_lengths`` splits the sequence into packed
-    documents (positions, groups and sinks restart in each).
+    documents (positions, groups and sinks restart in each). ``batch_cache``: see
+    :func:`sinklora.attention.sparse_attention`.
     """
-    B, Hq, N, D = q.shape
-    rep = Hq // k.shape[1]
+    N = q.shape[2]
+    rep = q.shape[1] // k.shape[1]
     outs = []
-    for lay in _layouts(spec, doc_lengths or (N,)):
-        dev = q.device
-        slot_token, key_token = lay.slot_token.to(dev), lay.key_token.to(dev)
-        allowed = lay.allowed.to(dev)  # (nG, G, S+G)
+    for lay in _device_layouts(spec, doc_lengths or (N,), q.device, batch_cache):
+        slot_token, key_token, allowed = lay.slot_token, lay.key_token, lay.allowed  # allowed (nG, G, S+G)
         c = lay.num_clean
         if key_padding_mask is not None:
             allowed = allowed[None] & key_padding_mask[:, key_token][:, :, None, :]  # (B, nG, G, S+G)
             allowed = allowed[:, None]  # (B, 1, nG, G, S+G) broadcasts over heads
             c = 0  # padding can fall anywhere: every group goes through the table
 
-        heads = torch.arange(*lay.heads, device=dev)
-        q_c = q[:, heads]  # (B, h, N, D)
-        k_c, v_c = k[:, heads // rep], v[:, heads // rep]
+        h0, h1 = lay.heads
+        q_c = q[:, h0:h1]  # (B, h, N, D)
+        kv_heads = torch.arange(h0, h1, device=q.device) // rep
+        k_c, v_c = k[:, kv_heads], v[:, kv_heads]
         q_g = q_c[:, :, slot_token]  # (B, h, nG, G, D)
         k_g, v_g = k_c[:, :, key_token], v_c[:, :, key_token]  # (B, h, nG, S+G, D)
         parts = []
@@ -178,5 +184,5 @@ def grouped_attention(
         if c < q_g.shape[2]:
             parts.append(_table_attention(q_g[:, :, c:], k_g[:, :, c:], v_g[:, :, c:], allowed[..., c:, :, :], scale))
         o_g = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]  # (B, h, nG, G, D)
-        outs.append(o_g.flatten(2, 3)[:, :, lay.token_slot.to(dev)])  # (B, h, N, D)
+        outs.append(o_g.flatten(2, 3)[:, :, lay.token_slot])  # (B, h, N, D)
     return torch.cat(outs, dim=1)

@@ -94,19 +94,22 @@ def at_length(pred: Predicate, n: int) -> MaskMod:
     return lambda b, h, q, kv: pred(b, h, q, kv, n)
 
 
-def per_document(pred: Predicate, doc_id, doc_start, doc_len) -> MaskMod:
+def per_document(pred: Predicate, doc, start, length) -> MaskMod:
     """The ``mask_mod`` of a row of packed documents: ``pred`` applies inside each document, in
-    document-relative positions; no attention crosses a document boundary. ``doc_id`` (N,) is each
-    token's document, ``doc_start`` / ``doc_len`` (D,) each document's first token and length."""
+    document-relative positions; no attention crosses a document boundary. ``doc``, ``start`` and
+    ``length`` are per-token tensors: each token's document, its document's first token and length.
+
+    Every captured tensor is indexed by ``q`` or ``kv`` alone (never by a value read from another one),
+    so padding them to a length pads the whole domain of the ``mask_mod``: FlexAttention evaluates it on
+    indices up to the next multiple of its block size (see :mod:`sinklora.attention.flex`)."""
 
     def mask_mod(b, h, q, kv):
-        d = doc_id[q]
-        start = doc_start[d]
-        return (doc_id[kv] == d) & pred(b, h, q - start, kv - start, doc_len[d])
+        first = start[q]
+        return (doc[kv] == doc[q]) & pred(b, h, q - first, kv - first, length[q])
 
     return mask_mod
 
 
 def with_key_padding(mask_mod: MaskMod, key_padding_mask) -> MaskMod:
-    """Drop padded keys: ``key_padding_mask`` (B, N) bool, True = real token."""
+    """Drop padded keys: ``key_padding_mask`` (B, N) bool, True = real token (indexed by ``b`` and ``kv``)."""
     return lambda b, h, q, kv: mask_mod(b, h, q, kv) & key_padding_mask[b, kv]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from sinklora.attention import masks
 from sinklora.attention.pattern import Pattern, PatternSpec, as_pattern
 
 
@@ -31,22 +30,17 @@ def build_mask(pattern: Pattern | str, seq_len: int, num_heads: int, device=None
 def reference_mask(spec: PatternSpec, key_padding_mask: torch.Tensor | None = None,
                    doc_lengths: tuple[int, ...] | None = None, device=None) -> torch.Tensor:
     """Dense mask ``(H, N, N)`` or ``(B, H, N, N)`` with packed documents and key padding applied,
-    through the same wrappers FlexAttention uses (:func:`masks.per_document`, :func:`masks.with_key_padding`)."""
+    through the ``mask_mod`` FlexAttention uses (:func:`sinklora.attention.flex.mask_mod`)."""
+    from sinklora.attention.flex import mask_mod as flex_mask_mod
+
     N, H = spec.seq_len, spec.num_heads
-    pred = spec.predicate()
-    if doc_lengths is None:
-        mask_mod = masks.at_length(pred, N)
-    else:
-        lens = torch.tensor(doc_lengths, device=device)
-        doc_id = torch.repeat_interleave(torch.arange(len(doc_lengths), device=device), lens)
-        mask_mod = masks.per_document(pred, doc_id, torch.cumsum(lens, 0) - lens, lens)
+    mod = flex_mask_mod(spec, key_padding_mask, doc_lengths, device, length=N)
     pos = torch.arange(N, device=device)
     h = torch.arange(H, device=device)[:, None, None]
     if key_padding_mask is None:
-        return mask_mod(0, h, pos[None, :, None], pos[None, None, :]).expand(H, N, N).contiguous()
+        return mod(0, h, pos[None, :, None], pos[None, None, :]).expand(H, N, N).contiguous()
     b = torch.arange(key_padding_mask.shape[0], device=device)[:, None, None, None]
-    mask_mod = masks.with_key_padding(mask_mod, key_padding_mask.to(device))
-    return mask_mod(b, h[None], pos[None, None, :, None], pos[None, None, None, :]).expand(-1, H, N, N).contiguous()
+    return mod(b, h[None], pos[None, None, :, None], pos[None, None, None, :]).expand(-1, H, N, N).contiguous()
 
 
 def dense_attention(

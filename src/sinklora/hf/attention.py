@@ -10,6 +10,10 @@ the state the model holds, on each of its attention modules:
   then its policy's scoring and eviction; :mod:`sinklora.hf.cache`);
 - nothing: causal SDPA, as transformers' ``"sdpa"``.
 
+The registered mask function runs once per forward and hands every layer the same :class:`BatchMask`
+(the key padding mask and a per-batch cache), so what depends only on the batch (is there padding,
+packed document lengths, block masks) is worked out once per batch, never per layer.
+
 Both context managers switch the model to :data:`ATTENTION` on entry and restore its previous
 implementation and state on exit, exceptions included::
 
@@ -30,7 +34,7 @@ import functools
 import logging
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -55,68 +59,103 @@ class AttentionState:
 # ---- the registered functions --------------------------------------------------------------------
 
 
-def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
-          **kwargs) -> torch.Tensor | None:
-    """The mask :func:`_attention` takes: the key padding mask ``(B, kv_length)`` bool, None without padding.
+@dataclass(eq=False)
+class BatchMask:
+    """What :func:`_mask` hands every attention layer of one forward: the key padding mask
+    ``key_padding`` ``(B, kv_length)`` bool (None without padding) and ``cache``, where what is derived
+    from the batch is kept once (packed document lengths, Flex block masks, device tables, the dense
+    mask of padded full attention). Every layer, and the recomputation under activation checkpointing,
+    receives this same object, so none of it is rebuilt, nor read back from the device, per layer."""
 
-    Called once per forward (not per layer), so its one device-to-host check is paid once."""
+    key_padding: torch.Tensor | None
+    cache: dict = field(default_factory=dict)
+
+
+def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+          **kwargs) -> BatchMask:
+    """The mask :func:`_attention` takes (a :class:`BatchMask`). Called once per forward, not per layer,
+    so its one device-to-host check (is there padding at all?) is paid once per batch."""
     if attention_mask is None:
-        return None
+        return BatchMask(None)
     mask = attention_mask[:, kv_offset : kv_offset + kv_length].to(torch.bool)
-    return None if bool(mask.all()) else mask
+    return BatchMask(None if bool(mask.all()) else mask)
+
+
+def _memo(cache: dict | None, key, build):
+    """``build()`` once per batch when there is a batch cache, else on every call."""
+    if cache is None:
+        return build()
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
 
 
 def causal_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      key_padding: torch.Tensor | None, scaling: float, dropout: float = 0.0,
-                     doc_lengths: tuple[int, ...] | None = None) -> torch.Tensor:
+                     doc_lengths: tuple[int, ...] | None = None, batch_cache: dict | None = None) -> torch.Tensor:
     """Causal attention as transformers' ``"sdpa"`` computes it: queries are the last ``Lq`` positions of
     the ``Lk`` keys (bottom-right aligned), ``key_padding`` (B, Lk) drops padded keys, ``doc_lengths`` keeps
-    packed documents apart. Returns ``(B, Lq, Hq, D)``."""
+    packed documents apart. ``batch_cache`` keeps the dense mask for the other layers of the batch.
+    Returns ``(B, Lq, Hq, D)``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     q_len, kv_len = query.shape[2], key.shape[2]
     mask = None
     if key_padding is not None or doc_lengths is not None or 1 < q_len < kv_len:
-        q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
-        k_pos = torch.arange(kv_len, device=query.device)[None, :]
-        mask = (k_pos <= q_pos)[None, None]  # (1, 1, Lq, Lk)
-        if doc_lengths is not None:
-            doc = torch.repeat_interleave(torch.arange(len(doc_lengths), device=query.device),
-                                          torch.tensor(doc_lengths, device=query.device))
-            mask = mask & (doc[q_pos] == doc[k_pos])[None, None]
-        if key_padding is not None:
-            mask = mask & key_padding[:, None, None, :]
+        mask = _memo(batch_cache, ("causal", q_len, kv_len, doc_lengths),
+                     lambda: _causal_mask(q_len, kv_len, key_padding, doc_lengths, query.device))
     out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
                                     is_causal=mask is None and q_len > 1)
     return out
 
 
+def _causal_mask(q_len: int, kv_len: int, key_padding, doc_lengths, device) -> torch.Tensor:
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]  # (1, 1, Lq, Lk)
+    if doc_lengths is not None:
+        doc = torch.repeat_interleave(torch.arange(len(doc_lengths), device=device),
+                                      torch.tensor(doc_lengths, device=device), output_size=kv_len)
+        mask = mask & (doc[q_pos] == doc[k_pos])[None, None]
+    if key_padding is not None:
+        mask = mask & key_padding[:, None, None, :]
+    return mask
+
+
 def documents_from_positions(position_ids: torch.Tensor | None, n: int) -> tuple[int, ...] | None:
-    """Packed documents of a single row: lengths between the places where positions restart at 0."""
+    """Packed documents of a single row: lengths between the places where positions restart at 0.
+    Reads the row back to the host once (one device-to-host copy)."""
     if position_ids is None or position_ids.shape[0] != 1 or position_ids.shape[-1] != n:
         return None
-    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+    starts = [i for i, p in enumerate(position_ids[0].tolist()) if p == 0]
     if len(starts) <= 1 or starts[0] != 0:
         return None
     return tuple(b - a for a, b in zip(starts, starts[1:] + [n]))
 
 
 def _packed_documents(query: torch.Tensor, key: torch.Tensor, key_padding: torch.Tensor | None,
-                      kwargs: dict) -> tuple[int, ...] | None:
+                      kwargs: dict, batch_cache: dict | None = None) -> tuple[int, ...] | None:
     """Packed documents of a one-row batch without padding and without a cache (``cu_seq_lens_q`` from
-    transformers' flattening collator, or ``position_ids`` restarting at 0)."""
+    transformers' flattening collator, or ``position_ids`` restarting at 0); found once per batch when
+    there is a batch cache (the positions are the same for every layer)."""
     if key_padding is not None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return None
-    cu = kwargs.get("cu_seq_lens_q")
-    if cu is not None:
-        return tuple(int(x) for x in torch.diff(cu).tolist())
-    return documents_from_positions(kwargs.get("position_ids"), query.shape[2])
+
+    def find() -> tuple[int, ...] | None:
+        cu = kwargs.get("cu_seq_lens_q")
+        if cu is not None:
+            bounds = cu.tolist()
+            return tuple(b - a for a, b in zip(bounds, bounds[1:]))
+        return documents_from_positions(kwargs.get("position_ids"), query.shape[2])
+
+    return _memo(batch_cache, ("documents", query.shape[2]), find)
 
 
-def _pattern_attention(module, pattern: Pattern, query, key, value, key_padding, scaling, dropout, kwargs):
+def _pattern_attention(module, pattern: Pattern, query, key, value, key_padding, scaling, dropout, kwargs,
+                       batch_cache: dict | None = None):
+    docs = _packed_documents(query, key, key_padding, kwargs, batch_cache)
     if pattern.name == "full":
-        return causal_attention(module, query, key, value, key_padding, scaling, dropout,
-                                _packed_documents(query, key, key_padding, kwargs))
+        return causal_attention(module, query, key, value, key_padding, scaling, dropout, docs, batch_cache)
     if query.shape[2] != key.shape[2]:
         raise ValueError(
             f"attention pattern {pattern.key!r} is a training pattern and needs the whole sequence (got "
@@ -125,24 +164,28 @@ def _pattern_attention(module, pattern: Pattern, query, key, value, key_padding,
     if dropout:
         raise ValueError(f"attention dropout={dropout} is not supported by sparse patterns; set attention_dropout=0")
     out = sparse_attention(query, key, value, pattern, scale=scaling, key_padding_mask=key_padding,
-                           doc_lengths=_packed_documents(query, key, key_padding, kwargs))
+                           doc_lengths=docs, batch_cache=batch_cache)
     return out.transpose(1, 2).contiguous()  # (B, N, Hq, D)
 
 
 def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+               attention_mask: BatchMask | torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                **kwargs: Any) -> tuple[torch.Tensor, None]:
     """query (B, Hq, Lq, D); key/value (B, Hkv, Lk, D), RoPE applied, GQA not expanded; attention_mask
     from :func:`_mask`. Returns ((B, Lq, Hq, D), None) as transformers expects."""
     state: AttentionState | None = getattr(module, _STATE, None)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    batch_cache = None
+    if isinstance(attention_mask, BatchMask):
+        attention_mask, batch_cache = attention_mask.key_padding, attention_mask.cache
     if state is not None and state.cache is not None:
         out = state.cache.layers[module.layer_idx].attend(module, query, key, value, attention_mask, scaling, dropout)
     elif state is not None and state.pattern is not None:
-        out = _pattern_attention(module, state.pattern, query, key, value, attention_mask, scaling, dropout, kwargs)
+        out = _pattern_attention(module, state.pattern, query, key, value, attention_mask, scaling, dropout, kwargs,
+                                 batch_cache)
     else:
         out = causal_attention(module, query, key, value, attention_mask, scaling, dropout,
-                               _packed_documents(query, key, attention_mask, kwargs))
+                               _packed_documents(query, key, attention_mask, kwargs, batch_cache), batch_cache)
     return out, None
 
 

@@ -211,7 +211,6 @@ def store_tied_once(folder: str | os.PathLike, tied: dict[str, str]) -> int:
 def restore_tied(folder: str | os.PathLike) -> None:
     """Write the tied duplicates back into ``folder``'s adapter file (atomically), for readers that need
     every key, like the Trainer resuming a checkpoint through ``PeftModel.load_adapter``."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     path = Path(folder) / ADAPTER_WEIGHTS
