@@ -59,7 +59,13 @@ stage prepare 60 $PY -m sinklora.cli model prepare
 stage compare 330 $PY -m sinklora.cli compare --config configs/compare-smollm2-16k.yaml \
     output_dir="$WORK/compare" train.max_steps="${COMPARE_STEPS:-60}" train.warmup_steps=5 train.save_steps=1000 \
     eval.docs=2 eval.passkey_trials=1
-stage cache 120 $PY bench/bench_cache.py --device cuda --budgets 0.2 0.1 --passkey-lengths 4096 \
-    --passkey-depths 0.25 0.5 0.75 --passkey-trials 1 --out "$WORK/cache"
+# KV caches: decode tokens/s per policy against the full cache (alternated in one process) and ATen ops per
+# decode step, 20% budget first; every row is written as it finishes, so a cut stage keeps what it measured.
+stage cache_speed 150 $PY bench/bench_cache.py --device cuda --parts speed --budgets 0.2 0.1 0.5 --rounds 3 \
+    --out "$WORK/cache_speed.json"
+stage cache_speed_slack0 60 $PY bench/bench_cache.py --device cuda --parts speed --budgets 0.2 --slack 0 \
+    --policies snapkv h2o sink --rounds 3 --out "$WORK/cache_speed_slack0.json"
+stage cache_quality 90 $PY bench/bench_cache.py --device cuda --parts prefill passkey --budgets 0.2 \
+    --prefill-repeats 3 --passkey-trials 2 --out "$WORK/cache_quality.json"
 stage train_smollm2 70 $PY bench/bench_train.py --model smollm2-135m-instruct --lengths 16384 32768 \
     --repeats 2 --out "$WORK/train_smollm2.json"
