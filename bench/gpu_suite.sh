@@ -31,6 +31,7 @@ train_7b       80 nomodel
 prepare        40 model
 compare       105 model
 cache          60 model
+cache_quality  90 extra
 ruler         240 extra
 "
 SUITE_LIMIT=480  # seconds: every stage but the `extra` group must fit one 8-minute visit
@@ -107,14 +108,26 @@ stage_compare() {  # full vs s2 vs sf at 16k, run to the end: the improvement ra
       eval.passkey_trials=1 eval.passkey_depths=[0.5]
 }
 
-stage_cache() {  # KV-cache policies (owned by the cache work; one block)
+stage_cache() {  # KV caches at an 8k prompt, 20%: decode tokens/s against the full cache (alternated in one
+  # process) and ATen ops per decode step for every policy, then snapkv evicting every step (slack 0)
   if [ $DRY = 1 ]; then
-    $PY bench/bench_cache.py --device cpu --prompt-len 256 --new-tokens 4 --trials 1 --warmup 0 --budgets 0.5 \
-        --passkey-lengths --ppl-tokens 0 --out "$WORK/cache"
+    $PY bench/bench_cache.py --device cpu --parts speed --prompt-len 256 --block 4 --rounds 1 --budgets 0.2 \
+        --policies snapkv sink --out "$WORK/cache_speed.json"
     return
   fi
-  $PY bench/bench_cache.py --device cuda --budgets 0.2 0.1 --passkey-lengths 4096 \
-      --passkey-depths 0.25 0.5 0.75 --passkey-trials 1 --out "$WORK/cache"
+  $PY bench/bench_cache.py --device cuda --parts speed --budgets 0.2 --rounds 3 --out "$WORK/cache_speed.json"
+  $PY bench/bench_cache.py --device cuda --parts speed --budgets 0.2 --slack 0 --policies snapkv h2o --rounds 3 \
+      --out "$WORK/cache_speed_slack0.json"
+}
+
+stage_cache_quality() {  # prefill time and passkey at 4k per policy at 20% (the CPU table has them too)
+  if [ $DRY = 1 ]; then
+    $PY bench/bench_cache.py --device cpu --parts prefill passkey --prompt-len 256 --passkey-length 256 \
+        --passkey-depths 0.5 --passkey-trials 1 --prefill-repeats 1 --budgets 0.5 --policies snapkv --out "$WORK/cache_quality.json"
+    return
+  fi
+  $PY bench/bench_cache.py --device cuda --parts prefill passkey --budgets 0.2 --prefill-repeats 3 --passkey-trials 2 \
+      --out "$WORK/cache_quality.json"
 }
 
 stage_ruler() {  # RULER at 8k-32k (SmolLM2 is trained to 8k): the full cache and SnapKV at 20%, one sample per

@@ -12,8 +12,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import torch
-
 from conftest import tiny_llama, tiny_tokenizer
+
 from sinklora.commands.serve import ServeConfig
 from sinklora.serve.server import Service, make_app, serve_in_thread
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_llama
+
 from sinklora.hf.attention import attach_cache
 from sinklora.hf.cache import make_cache
 
@@ -38,11 +38,11 @@ class _Force:
         return forced
 
 
-def _alone(model, prompt, tokens: list[int], policy: str, budget: int) -> torch.Tensor:
+def _alone(model, prompt, tokens: list[int], policy: str, budget: int, slack: int) -> torch.Tensor:
     """log p(token_t | prompt, tokens_<t) of one sequence decoded alone (batch 1, greedy, a fresh cache)."""
     from transformers import LogitsProcessorList
 
-    cache = make_cache(model, policy, budget=budget)
+    cache = make_cache(model, policy, budget=budget, slack=slack)
     with torch.inference_mode(), attach_cache(model, cache) as kw:
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=len(tokens),
                              do_sample=False, num_beams=1, pad_token_id=256, output_logits=True,
@@ -52,11 +52,13 @@ def _alone(model, prompt, tokens: list[int], policy: str, budget: int) -> torch.
     return logp[torch.arange(len(tokens)), torch.tensor(tokens)]
 
 
-@pytest.mark.parametrize("policy, budget", [("h2o", 10), ("snapkv", 12), ("sink", 8)])
-def test_each_beam_scores_as_its_sequence_decoded_alone(policy, budget):
+@pytest.mark.parametrize("policy, budget, slack", [("h2o", 10, 0), ("h2o", 10, 3), ("snapkv", 12, 0),
+                                                   ("snapkv", 12, 3), ("adakv", 12, 3), ("sink", 8, 0), ("sink", 8, 3)])
+def test_each_beam_scores_as_its_sequence_decoded_alone(policy, budget, slack):
+    """slack 3: evictions at the prompt and every 4 steps, beams reordered with tokens pending in between."""
     model = _sharp_model()
     prompt = torch.randint(0, 256, (1, PROMPT), generator=torch.Generator().manual_seed(7))
-    cache = make_cache(model, policy, budget=budget)
+    cache = make_cache(model, policy, budget=budget, slack=slack)
     with torch.inference_mode(), attach_cache(model, cache) as kw:
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW, min_new_tokens=NEW,
                              num_beams=BEAMS, num_return_sequences=BEAMS, do_sample=False, pad_token_id=256,
@@ -67,5 +69,5 @@ def test_each_beam_scores_as_its_sequence_decoded_alone(policy, budget):
     sequences = out.sequences[:, PROMPT:].tolist()
     assert len({tuple(s) for s in sequences}) == BEAMS
     for beam, tokens in enumerate(sequences):
-        torch.testing.assert_close(transition[beam].float(), _alone(model, prompt, tokens, policy, budget),
+        torch.testing.assert_close(transition[beam].float(), _alone(model, prompt, tokens, policy, budget, slack),
                                    atol=1e-4, rtol=0)

@@ -8,8 +8,8 @@ import io
 
 import pytest
 import torch
-
 from conftest import tiny_llama, tiny_tokenizer
+
 from sinklora.commands import chat
 from sinklora.serve.engine import Generation, Sampling, TextStream
 from sinklora.serve.session import ChatSession
@@ -87,7 +87,7 @@ def test_context_file_and_a_small_budget(model_dir, tmp_path, positions):
     doc = tmp_path / "doc.txt"
     doc.write_text("The secret word is plum. " * 8)
     session = ChatSession.load(_opts(model_dir, context=str(doc), cache="sink", budget="40", sink_tokens=4,
-                                      positions=positions))
+                                      positions=positions, slack=0))  # evict every step: 40 kept exactly
     "".join(session.stream("What is the secret word?"))
     assert "The secret word is plum." in session.messages[1]["content"]
     assert session.messages[1]["content"].endswith("What is the secret word?")

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_llama, tiny_tokenizer
+
 from sinklora.config import ConfigError, load_config
 from sinklora.data.corpora import load_documents
 from sinklora.models.loading import load_model

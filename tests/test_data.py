@@ -186,9 +186,9 @@ def test_text_that_is_not_utf8_is_named_or_skipped_with_a_count(tmp_path, caplog
 
 
 def test_eval_ppl_reads_one_text_file_and_refuses_garbage(tmp_path, capsys):
-    from sinklora.cli import main
-
     from conftest import save_tiny_base
+
+    from sinklora.cli import main
 
     base = save_tiny_base(tmp_path / "base")
     (tmp_path / "doc.txt").write_text("The quick brown fox jumps over the lazy dog. " * 10)

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-
 from conftest import tiny_llama, tiny_tokenizer
+
 from sinklora.eval import passkey, perplexity, plots, results
 from sinklora.hf.cache import cache_kwargs
 

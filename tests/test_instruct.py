@@ -14,10 +14,15 @@ import torch
 
 from sinklora.commands import data_mix, data_tasks
 from sinklora.data import instruct, mix, tasks
-from sinklora.defaults import LONGALPACA_PLUS
 from sinklora.data.corpora import Document
-from sinklora.data.instruct import (IGNORE_INDEX, InstructCollator, build_example, length_grouped_batches,
-                                    load_instructions)
+from sinklora.data.instruct import (
+    IGNORE_INDEX,
+    InstructCollator,
+    build_example,
+    length_grouped_batches,
+    load_instructions,
+)
+from sinklora.defaults import LONGALPACA_PLUS
 
 RECORD = {"instruction": "Summarise the text.", "input": "It was a dark and stormy night.", "output": "Rain fell."}
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, LlamaForCausalLM, T5Config
-
 from conftest import logits_of as _logits
 from conftest import random_ids as _ids
 from conftest import save_tiny_base as _save_base
 from conftest import tiny_llama, tiny_llama_config
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, LlamaForCausalLM, T5Config
+
 from sinklora.models import export, loading, lora, rope
 from sinklora.models.lora import LoraSettings
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import logits_of, save_tiny_base
+
 from sinklora.models import export, loading, lora
 
 # the probe: 600 positions, beyond the tiny base's 256, so default RoPE and the extension disagree

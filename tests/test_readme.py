@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 
 import torch
-
 from conftest import tiny_llama
+
 from sinklora.cli import COMMANDS
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_llama, tiny_tokenizer
+
 from sinklora.config import ConfigError, load_config
 from sinklora.eval.ruler import match_all, match_part, postprocess, string_match_all, string_match_part, summarize
 from sinklora.eval.ruler_haystacks import Resources, play_passages

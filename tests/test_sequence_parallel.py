@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama, tiny_llama_config, tiny_tokenizer
 from safetensors.torch import load_file
 
-from conftest import tiny_llama, tiny_llama_config, tiny_tokenizer
 from sinklora.attention import Pattern, sparse_attention
 from sinklora.config import ConfigError, load_config
 from sinklora.hf import sequence_parallel as sp

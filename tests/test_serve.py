@@ -13,7 +13,6 @@ from pathlib import Path
 
 import openai
 import pytest
-
 from serving import SYSTEM, events, health, reference, request, tiny_server
 
 N = 8  # max_new_tokens of the test server
@@ -43,7 +42,7 @@ def test_openai_client_non_streaming_matches_greedy_generate(client):
     assert cache["policy"] == "full" and cache["kept_tokens"] == cache["seen_tokens"] == res.usage.total_tokens - 1
 
 
-@pytest.mark.parametrize("policy", [{"cache": "h2o", "budget": 1000}, {"cache": "snapkv", "budget": "0.9"},
+@pytest.mark.parametrize("policy", [{"cache": "h2o", "budget": 1000}, {"cache": "snapkv", "budget": "0.9", "budget_floor": 0},
                                     {"cache": "sink", "budget": 40, "sink_tokens": 4, "positions": "rank"}])
 def test_openai_client_streaming_with_a_cache_policy_in_extra_body(client, policy):
     stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi there"}],
@@ -189,4 +188,4 @@ def test_readme_client_example_runs_as_written(server):
     scope = {"document": "The secret word is plum. " * 30}
     exec(compile(block.replace("http://127.0.0.1:8000", server[0]), "README.md", "exec"), scope)
     stats = scope["reply"].sinklora["cache"]
-    assert stats["policy"] == "h2o" and stats["kept_tokens"] == 512 < stats["seen_tokens"]
+    assert stats["policy"] == "h2o" and 512 <= stats["kept_tokens"] <= 512 + stats["slack"] < stats["seen_tokens"]

@@ -11,7 +11,6 @@ import time
 from urllib.parse import urlsplit
 
 import openai
-
 from serving import events, health, request, tiny_server, wait_until
 
 LONG_PROMPT = "x" * 800  # ~830 chat tokens: 104 prefill chunks of 8

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from serving import SYSTEM, reference, tiny_server, wait_until
 
 CHROMIUM, DRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"

@@ -8,8 +8,8 @@ import socket
 
 import openai
 import pytest
-
 from serving import health, request, tiny_server
+
 from sinklora.commands.serve import ServeConfig
 from sinklora.serve.server import bind
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_llama, tiny_tokenizer
+
 from sinklora.config import ConfigError, load_config
 from sinklora.data.instruct import IGNORE_INDEX
 from sinklora.train.configs import SFTConfig

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_llama, tiny_tokenizer
 from safetensors.torch import load_file
 
-from conftest import tiny_llama, tiny_tokenizer
 from sinklora.config import ConfigError, load_config
 from sinklora.train.configs import ExtendConfig
 from sinklora.train.extend import run

@@ -23,6 +23,9 @@ WARMUP_STEPS = 20
 # KV caches (docs/method.md §3)
 CACHE_SINK_TOKENS = 4  # StreamingLLM's 4 attention sinks (policy `sink`)
 HEAVY_RATIO = 0.5  # H2O: half of the non-sink budget for heavy hitters, half for recent tokens
+CACHE_SLACK = 64  # amortised eviction: grow to budget + slack tokens, then evict down to the budget at once
+CACHE_BUDGET_FLOOR = 256  # a ratio budget never resolves below this many tokens (keeps a short prompt's question)
+CACHE_AUTO_POLICY = "snapkv"  # cache=auto with a budget (BENCHMARKS.md: retrieval and speed at 20%)
 
 # instruction data: the paper's LongAlpaca-plus mixture (28,000 samples), by source file and share
 LONGALPACA_PLUS = {"nq.jsonl": 0.44, "redpajama.jsonl": 0.27, "book_summarization.jsonl": 0.18, "long_qa.jsonl": 0.11}

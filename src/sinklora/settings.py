@@ -14,6 +14,9 @@ from typing import Any, Literal
 
 from sinklora.config import option
 from sinklora.defaults import (
+    CACHE_AUTO_POLICY,
+    CACHE_BUDGET_FLOOR,
+    CACHE_SLACK,
     DEFAULT_MODEL,
     DEFAULT_SYSTEM_PROMPT,
     GROUP_RATIO,
@@ -24,7 +27,7 @@ from sinklora.defaults import (
 )
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-CachePolicyName = Literal["full", "local", "sink", "h2o", "snapkv"]
+CachePolicyName = Literal["auto", "full", "local", "sink", "h2o", "snapkv", "pyramidkv", "adakv"]
 
 
 @dataclass
@@ -131,20 +134,27 @@ class TrainingConfig:
 class CacheOptions:
     """A KV-cache policy for generation (docs/method.md §3)."""
 
-    cache: CachePolicyName = option("full", "KV-cache policy (docs/method.md §3)")
+    cache: CachePolicyName = option("auto", f"KV-cache policy (docs/method.md §3); auto = full without a budget, "
+                                            f"{CACHE_AUTO_POLICY} with one")
     budget: str | None = option(None, "KV budget: tokens (512) or a ratio of the first prompt (0.2, 20%)")
-    sink_tokens: int | None = option(None, "sink tokens always kept (default: 4 for sink, 0 for h2o/snapkv)")
-    heavy_ratio: float | None = option(None, f"h2o/snapkv: share of the non-sink budget for heavy hitters "
-                                             f"(default {HEAVY_RATIO:g})")
+    budget_floor: int = option(CACHE_BUDGET_FLOOR, "a ratio budget keeps at least this many tokens (a short chat "
+                                                   "prompt keeps its question); 0: the exact ratio")
+    sink_tokens: int | None = option(None, "sink tokens always kept (default: 4 for sink, 0 for the others)")
+    heavy_ratio: float | None = option(None, f"h2o/snapkv/pyramidkv/adakv: share of the non-sink budget for heavy "
+                                             f"hitters (default {HEAVY_RATIO:g})")
+    slack: int | None = option(None, f"tokens the cache may grow past its budget before it evicts down to it at "
+                                     f"once (default {CACHE_SLACK}; 0 with positions=rank); 0 evicts every step")
     positions: Literal["absolute", "rank"] = option("absolute", "RoPE positions of kept tokens: absolute, or rank "
                                                     "within the cache (StreamingLLM: streams past the trained length)")
 
     def policy(self) -> Any:
         """The :class:`sinklora.cache.KVPolicy` (raises ValueError naming the bad setting)."""
-        from sinklora.cache.policies import check_positions, make_policy
+        from sinklora.cache.policies import check_positions, check_slack, make_policy
 
-        policy = make_policy(self.cache, self.budget, sink_tokens=self.sink_tokens, heavy_ratio=self.heavy_ratio)
+        policy = make_policy(self.cache, self.budget, sink_tokens=self.sink_tokens, heavy_ratio=self.heavy_ratio,
+                             budget_floor=self.budget_floor)
         check_positions(self.positions, policy.name)
+        check_slack(self.slack, policy, self.positions)
         return policy
 
     def validate(self) -> list[str]:
@@ -157,13 +167,16 @@ class CacheOptions:
     @property
     def name(self) -> str:
         """``full``, ``h2o@0.2``, ``sink@512``: this setting in tables and file names."""
-        return self.cache if self.budget is None else f"{self.cache}@{self.budget}"
+        from sinklora.cache.policies import policy_name
+
+        name = policy_name(self.cache, self.budget)
+        return name if self.budget is None else f"{name}@{self.budget}"
 
     def make(self, model: Any) -> Any:
         """A fresh :class:`sinklora.hf.cache.PolicyCache` for one request on ``model``."""
         from sinklora.hf.cache import make_cache
 
-        return make_cache(model, self.policy(), positions=self.positions)
+        return make_cache(model, self.policy(), positions=self.positions, slack=self.slack)
 
 
 @dataclass

@@ -6,19 +6,27 @@ key ``s`` is visible to new query ``i`` iff ``s <= past + i``. The score of key 
     a[b, kv, s] = sum over query heads h of group kv, over queries i:  softmax_s(q_i . k_s * scaling)
 
 Shapes: query (B, Hq, L, D), key (B, Hkv, S, D), GQA not expanded (Hq = Hkv * groups); result
-(B, Hkv, S) float32. Two exact ways (to float error) and one dense oracle:
+(B, Hkv, S) float32. Three exact ways (to float error) and one dense oracle:
 
 - ``chunked``: softmax rows for a block of queries at a time (memory B * Hq * chunk * S floats);
 - ``sdpa_grad``: ``dV = P^T dO``, so one SDPA backward with ``dO = ones`` and a scalar value column
   gives every key's column sum of P (flash kernels never hold P);
+- :func:`prompt_attention_with_scores` (a prompt on CPU): the attention's own flash pass returns each
+  query's log-sum-exp ``lse_i``, and the column sum ``a_s = sum_i exp(q_i . k_s * scaling - lse_i)`` is
+  itself a log-sum-exp, over queries, with bias ``-lse_i``: one more flash pass with keys and queries
+  swapped (sequence reversed, so the visibility ``i >= s`` is causal) returns ``log a_s``. The prompt's
+  attention is computed once, and its probabilities are never materialised;
 - :func:`dense_accumulated_attention`: the full matrix, for tests only.
+
+``key_mask`` (B, Hkv, S) bool, where given, drops keys (dead slots of a cache whose heads keep different
+numbers of tokens).
 """
 
 from __future__ import annotations
 
 import torch
 
-METHODS = ("chunked", "sdpa_grad")
+METHODS = ("auto", "chunked", "sdpa_grad")  # auto: the prompt on CPU by its log-sum-exp, else chunked
 _CHUNK_BYTES = 256 * 2**20
 
 
@@ -45,7 +53,8 @@ def dense_accumulated_attention(query: torch.Tensor, key: torch.Tensor, *, scali
     return p.view(b, hkv, hq // hkv, n_k).sum(dim=2).float()
 
 
-def _chunked(query: torch.Tensor, key: torch.Tensor, scaling: float, past: int, chunk: int | None) -> torch.Tensor:
+def _chunked(query: torch.Tensor, key: torch.Tensor, scaling: float, past: int, chunk: int | None,
+             key_mask: torch.Tensor | None = None) -> torch.Tensor:
     b, hq, hkv, n_q, n_k = _check(query, key)
     g = hq // hkv
     # bf16/fp32 products accumulate in fp32 anyway; only fp16 is promoted first (overflow)
@@ -61,6 +70,8 @@ def _chunked(query: torch.Tensor, key: torch.Tensor, scaling: float, past: int, 
         if stop - start > 1:  # only the block's own keys need the causal triangle; earlier keys are all visible
             own = torch.ones(stop - start, stop - start, dtype=torch.bool, device=key.device).tril()
             logits[..., past + start:].masked_fill_(~own, float("-inf"))
+        if key_mask is not None:
+            logits.masked_fill_(~key_mask[:, :, None, None, :visible], float("-inf"))
         out[..., :visible] += logits.softmax(dim=-1).sum(dim=(2, 3))
     return out
 
@@ -79,10 +90,34 @@ def _sdpa_grad(query: torch.Tensor, key: torch.Tensor, scaling: float, past: int
 
 
 def accumulated_attention(query: torch.Tensor, key: torch.Tensor, *, scaling: float, past: int,
-                          method: str = "chunked", chunk: int | None = None) -> torch.Tensor:
+                          method: str = "chunked", chunk: int | None = None,
+                          key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B, Hkv, S) float32 column sums of this step's attention probabilities (see the module docstring)."""
-    if method == "chunked":
-        return _chunked(query, key, scaling, past, chunk)
+    if method in ("chunked", "auto") or key_mask is not None:
+        return _chunked(query, key, scaling, past, chunk, key_mask)
     if method == "sdpa_grad":
         return _sdpa_grad(query, key, scaling, past)
     raise ValueError(f"score_method={method!r}: choose one of {', '.join(map(repr, METHODS))}")
+
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def prompt_attention_with_scores(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+                                 scaling: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A whole prompt's causal attention (B, L, Hq, D), as SDPA computes it, and its column sums
+    (B, Hkv, L) float32 (see the module docstring); None where torch's CPU flash kernel is not there."""
+    if (_FLASH_CPU is None or query.device.type != "cpu" or query.shape[2] != key.shape[2]
+            or query.dtype not in (torch.float32, torch.bfloat16)):
+        return None
+    b, hq, n, d = query.shape
+    g = hq // key.shape[1]
+    k = key.repeat_interleave(g, dim=1)  # (B, Hq, L, D): the kernel takes no GQA
+    out, lse = _FLASH_CPU(query, k, value.repeat_interleave(g, dim=1), 0.0, True, scale=scaling)[:2]
+    # swapped pass, sequence reversed: "query" s' = L-1-s sees "key" i' = L-1-i iff i >= s; fp32 for the bias
+    bias = (-lse).flip(-1).contiguous()[:, :, None, :]  # (B, Hq, 1, L); lse comes (B, L, Hq)-strided
+    keys_as_queries, queries_as_keys = k.flip(2).float(), query.flip(2).float()
+    log_sums = _FLASH_CPU(keys_as_queries, queries_as_keys, torch.zeros_like(keys_as_queries), 0.0, True,
+                          attn_mask=bias, scale=scaling)[1]  # (B, Hq, L), the value is not used
+    scores = log_sums.flip(-1).exp().view(b, hq // g, g, n).sum(dim=2)
+    return out.transpose(1, 2).contiguous(), scores

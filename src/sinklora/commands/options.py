@@ -32,30 +32,31 @@ class SuiteModelOptions(EvalModelOptions):
 class SuiteCacheOptions(CacheOptions):
     """One KV-cache setting (``cache``/``budget``, as ``sinklora chat``) or several (``caches``)."""
 
+    budget_floor: int = option(0, "a ratio budget keeps at least this many tokens (0: the exact ratio, so "
+                                  "that 20% means 20% at every length)")
     caches: list[str] = option(help="several settings in one run, POLICY[:BUDGET] each (e.g. full,h2o:0.5,"
                                "snapkv:0.2); every sample is answered under each; replaces cache/budget",
                                factory=list)
 
     def cache_settings(self) -> list[CacheOptions]:
-        """Every setting of the run, each a :class:`CacheOptions` (``sink_tokens``, ``heavy_ratio`` and
-        ``positions`` shared)."""
+        """Every setting of the run, each a :class:`CacheOptions` (everything but ``cache``/``budget``
+        shared)."""
+        shared = CacheOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(CacheOptions)})
         if not self.caches:
-            return [CacheOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(CacheOptions)})]
+            return [shared]
         settings = []
         for spec in self.caches:
             policy, sep, budget = str(spec).strip().partition(":")
             if sep and not budget.strip():
                 raise ValueError(f"cache setting {spec!r}: give a budget after the colon (e.g. h2o:0.2) or no colon "
                                  "for 'full'")
-            settings.append(CacheOptions(cache=policy.strip(), budget=budget.strip() or None,
-                                         sink_tokens=self.sink_tokens, heavy_ratio=self.heavy_ratio,
-                                         positions=self.positions))
+            settings.append(dataclasses.replace(shared, cache=policy.strip(), budget=budget.strip() or None))
         return settings
 
     def validate(self) -> list[str]:
         if not self.caches:
             return super().validate()
-        if self.cache != "full" or self.budget is not None:
+        if self.cache != CacheOptions().cache or self.budget is not None:  # one setting given besides caches
             return [f"caches={self.caches} with cache={self.cache!r} budget={self.budget!r}: give either "
                     "cache/budget (one setting) or caches (several), not both"]
         try:

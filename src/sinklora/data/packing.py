@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sinklora.data.corpora import Document, cache_dir as default_cache_dir
+from sinklora.data.corpora import Document
+from sinklora.data.corpora import cache_dir as default_cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+
 @dataclass
 class GeneratedAnswer:
     """New token ids (the prompt excluded) and the cache's statistics after the call."""

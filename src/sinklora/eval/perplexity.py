@@ -43,7 +43,6 @@ import torch.nn.functional as F
 
 from sinklora.defaults import PPL_CHUNK_TOKENS
 
-
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("sliding", "longlora")

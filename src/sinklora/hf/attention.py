@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from sinklora.attention import Pattern, as_pattern, sparse_attention
+from sinklora.hf.sdpa import causal_attention, memo
 
 logger = logging.getLogger(__name__)
 
@@ -81,47 +82,6 @@ def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_functio
     return BatchMask(None if bool(mask.all()) else mask)
 
 
-def _memo(cache: dict | None, key, build):
-    """``build()`` once per batch when there is a batch cache, else on every call."""
-    if cache is None:
-        return build()
-    if key not in cache:
-        cache[key] = build()
-    return cache[key]
-
-
-def causal_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     key_padding: torch.Tensor | None, scaling: float, dropout: float = 0.0,
-                     doc_lengths: tuple[int, ...] | None = None, batch_cache: dict | None = None) -> torch.Tensor:
-    """Causal attention as transformers' ``"sdpa"`` computes it: queries are the last ``Lq`` positions of
-    the ``Lk`` keys (bottom-right aligned), ``key_padding`` (B, Lk) drops padded keys, ``doc_lengths`` keeps
-    packed documents apart. ``batch_cache`` keeps the dense mask for the other layers of the batch.
-    Returns ``(B, Lq, Hq, D)``."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    q_len, kv_len = query.shape[2], key.shape[2]
-    mask = None
-    if key_padding is not None or doc_lengths is not None or 1 < q_len < kv_len:
-        mask = _memo(batch_cache, ("causal", q_len, kv_len, doc_lengths),
-                     lambda: _causal_mask(q_len, kv_len, key_padding, doc_lengths, query.device))
-    out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
-                                    is_causal=mask is None and q_len > 1)
-    return out
-
-
-def _causal_mask(q_len: int, kv_len: int, key_padding, doc_lengths, device) -> torch.Tensor:
-    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
-    k_pos = torch.arange(kv_len, device=device)[None, :]
-    mask = (k_pos <= q_pos)[None, None]  # (1, 1, Lq, Lk)
-    if doc_lengths is not None:
-        doc = torch.repeat_interleave(torch.arange(len(doc_lengths), device=device),
-                                      torch.tensor(doc_lengths, device=device), output_size=kv_len)
-        mask = mask & (doc[q_pos] == doc[k_pos])[None, None]
-    if key_padding is not None:
-        mask = mask & key_padding[:, None, None, :]
-    return mask
-
-
 def documents_from_positions(position_ids: torch.Tensor | None, n: int) -> tuple[int, ...] | None:
     """Packed documents of a single row: lengths between the places where positions restart at 0.
     Reads the row back to the host once (one device-to-host copy)."""
@@ -148,7 +108,7 @@ def _packed_documents(query: torch.Tensor, key: torch.Tensor, key_padding: torch
             return tuple(b - a for a, b in zip(bounds, bounds[1:]))
         return documents_from_positions(kwargs.get("position_ids"), query.shape[2])
 
-    return _memo(batch_cache, ("documents", query.shape[2]), find)
+    return memo(batch_cache, ("documents", query.shape[2]), find)
 
 
 def _pattern_attention(module, pattern: Pattern, query, key, value, key_padding, scaling, dropout, kwargs,

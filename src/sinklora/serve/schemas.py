@@ -2,20 +2,22 @@
 
 Requests follow OpenAI's chat and completions APIs; what sinklora cannot honour is refused by name
 (``n`` > 1, penalties, logprobs, tools), never silently ignored. sinklora's KV-cache settings ride in
-the same body (OpenAI clients send them with ``extra_body``): ``cache``, ``budget``, ``sink_tokens``,
-``heavy_ratio``, ``positions``, as in ``sinklora chat``. Responses carry a ``sinklora`` object: the
+the same body (OpenAI clients send them with ``extra_body``): the fields of
+:class:`~sinklora.settings.CacheOptions` (``cache``, ``budget``, ``sink_tokens``, ``heavy_ratio``, ``slack``,
+``budget_floor``, ``positions``), as in ``sinklora chat``. Responses carry a ``sinklora`` object: the
 cache's stats (kept and seen tokens, KV bytes) and timings.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sinklora.settings import CachePolicyName
+from sinklora.settings import CacheOptions, CachePolicyName
 
-CACHE_FIELDS = ("cache", "budget", "sink_tokens", "heavy_ratio", "positions")
+CACHE_FIELDS = tuple(f.name for f in dataclasses.fields(CacheOptions))
 
 
 class _Strict(BaseModel):
@@ -61,6 +63,8 @@ class GenerationRequest(_Strict):
     budget: int | float | str | None = None
     sink_tokens: int | None = None
     heavy_ratio: float | None = None
+    slack: int | None = None
+    budget_floor: int | None = None
     positions: Literal["absolute", "rank"] | None = None
 
     @field_validator("stop")

@@ -18,8 +18,8 @@ import torch
 from sinklora import atomic, runtime
 from sinklora.config import save_config, to_dict
 from sinklora.defaults import LEARNING_RATE, WARMUP_STEPS
-from sinklora.runtime import use_bf16
 from sinklora.models.lora import LoraSettings
+from sinklora.runtime import use_bf16
 from sinklora.settings import TrainingConfig
 from sinklora.train.checkpoints import CheckpointTidy, last_checkpoint
 
