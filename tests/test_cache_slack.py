@@ -217,3 +217,46 @@ def test_slack_settings_are_checked_and_cache_auto_picks_the_policy():
     rows = {key: (default, text) for key, default, text in describe(ChatConfig)}
     assert rows["cache"][0] == "'auto'" and f"auto = full without a budget, {CACHE_AUTO_POLICY} with one" in rows["cache"][1]
     assert f"default {CACHE_SLACK}" in rows["slack"][1] and rows["budget_floor"][0] == "256"
+
+
+@pytest.mark.parametrize("slack", [0, 8])
+@pytest.mark.parametrize("name", ["h2o", "snapkv", "adakv", "sink"])
+def test_a_prompt_fed_in_chunks_under_deferred_eviction_keeps_what_one_step_keeps(name, slack):
+    """Chunks of 16 tokens, eviction deferred until the last (at least snapkv's 32-query window): the same
+    kept tokens, scores (to float error) and next-token logits as the whole prompt in one step. Without
+    the deferral, snapkv scores each chunk by its own end and keeps other tokens."""
+    from sinklora.hf.cache import deferred_eviction
+    from sinklora.serve.engine import prefill_chunks
+
+    if name == "adakv" and not slack:
+        pytest.skip("a ragged policy needs slack")
+    model = _sharp()
+    ids = torch.randint(0, 256, (1, 90), generator=torch.Generator().manual_seed(8))
+    whole = make_cache(model, name, budget=30, slack=slack)
+    want = _forward(model, ids, whole).logits[:, -1]
+    chunked = make_cache(model, name, budget=30, slack=slack)
+    with pytest.raises(ValueError, match="ratio"):
+        with deferred_eviction(make_cache(model, name, budget=0.5, slack=slack)):
+            pass
+    pieces = prefill_chunks(0, 90, 16, 32)
+    assert pieces[-1] == (48, 90) and pieces[0] == (0, 16)
+    for start, stop in pieces:
+        if stop < 90:
+            with deferred_eviction(chunked):
+                _forward(model, ids[:, start:stop], chunked)
+            assert chunked.stats()["evicted_tokens"] == 0 and chunked.layers[0].kept == stop
+        else:
+            got = _forward(model, ids[:, start:stop], chunked).logits[:, -1]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(whole.layers, chunked.layers):
+        assert torch.equal(a.positions.sort(dim=-1).values, b.positions.sort(dim=-1).values)
+        if a.attention is not None:
+            order_a, order_b = a.positions.argsort(dim=-1), b.positions.argsort(dim=-1)
+            torch.testing.assert_close(a.attention.gather(-1, order_a), b.attention.gather(-1, order_b),
+                                       atol=1e-4, rtol=1e-4)
+    if name == "snapkv":  # the deferral matters: chunk by chunk, each chunk's end picks the heavy hitters
+        eager = make_cache(model, name, budget=30, slack=slack)
+        for start, stop in pieces:
+            _forward(model, ids[:, start:stop], eager)
+        assert any(not torch.equal(a.positions.sort(dim=-1).values, c.positions.sort(dim=-1).values)
+                   for a, c in zip(whole.layers, eager.layers))

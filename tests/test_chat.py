@@ -164,3 +164,17 @@ def test_sampling_keeps_the_nucleus_and_is_reproducible_with_a_seed():
     assert a == b
     assert _generate(model, list(range(20)), temperature=1.0, top_p=1e-6).token_ids == \
         _generate(model, list(range(20))).token_ids  # a vanishing nucleus is greedy
+
+
+@pytest.mark.parametrize("cache", ["snapkv", "h2o", "sink"])
+def test_chunked_prefill_under_an_evicting_budget_keeps_what_one_step_keeps(cache):
+    """A 120-token prompt, a 40-token budget: prefill in chunks of 7 (eviction deferred to the last chunk,
+    which holds at least snapkv's window) decodes the same tokens and keeps the same cache as one step."""
+    model = tiny_llama(seed=3, max_position_embeddings=512)
+    ids = [int(i) for i in torch.randint(0, 256, (120,), generator=torch.Generator().manual_seed(2))]
+    whole, chunked = _generate(model, ids, cache, 512, budget="40"), _generate(model, ids, cache, 7, budget="40")
+    assert whole.cache_stats["evicted_tokens"] > 0
+    assert chunked.token_ids == whole.token_ids
+    peaks = ("max_kept_tokens", "max_kv_bytes")  # after a step: a deferred chunk holds the prompt so far
+    assert {k: v for k, v in chunked.cache_stats.items() if k not in peaks} == \
+        {k: v for k, v in whole.cache_stats.items() if k not in peaks}

@@ -18,17 +18,18 @@ How a step runs (one layer)::
 
 When a layer evicts depends on ``slack`` (docs/method.md §3):
 
-- ``slack=0`` (:class:`sinklora.hf.layers.PolicyLayer`): down to the budget after every step. Decoding moves no cached data:
-  once the cache is full, a one-token step leaves ``budget + 1`` slots, the policy names the one to drop
-  (:meth:`KVPolicy.evict_slot`), and the next token's key and value are written into that slot (one
-  scratch slot beyond the budget, never attended to while it is stale).
+- ``slack=0`` (:class:`sinklora.hf.layers.PolicyLayer`): down to the budget after every step. Decoding
+  moves no cached data: once the cache is full, a one-token step leaves ``budget + 1`` slots, the policy
+  names the one to drop (:meth:`KVPolicy.evict_slot`), and the next token's key and value are written
+  into that slot (one scratch slot beyond the budget, never attended to while it is stale).
 - ``slack > 0`` (:class:`sinklora.hf.slack.SlackLayer`, the default): the cache grows to ``budget + slack``
   tokens in pre-allocated buffers and then evicts down to the budget in one pass; between evictions a
   decoding step writes its key and value in place and keeps its query for scoring at the next eviction.
 
-Steps of several tokens (the prompt, a new chat turn) append and then gather the kept slots. A layer
-whose step never reached its ``attend`` (the cache was not attached) refuses the next step
-instead of silently growing past its budget.
+Steps of several tokens (the prompt, a new chat turn) append and then gather the kept slots; inside
+:func:`deferred_eviction` they only append (a prompt fed in chunks evicts once, at its last chunk). A
+layer whose step never reached its ``attend`` (the cache was not attached) refuses the next step instead
+of silently growing past its budget.
 
 Positions: ``get_seq_length()`` is the number of tokens seen, so RoPE positions and generate's input
 slicing are those of the full cache (``positions="absolute"``, the default); ``get_mask_sizes`` reports
@@ -45,8 +46,10 @@ accepts anything ``DynamicCache`` does.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -108,6 +111,29 @@ class PolicyCache(Cache):
             "kv_bytes": int(sum(layer.kv_bytes() for layer in layers)),
             "max_kv_bytes": int(sum(layer.max_bytes for layer in layers)),
         }
+
+
+@contextlib.contextmanager
+def deferred_eviction(cache: Any) -> Iterator[None]:
+    """Steps inside the block add their tokens (and the scores of policies that count every query) but
+    evict nothing; the first step after the block evicts as if everything had come in one step. A prompt
+    fed in chunks (``serve``'s prefill) thus keeps what the whole prompt at once keeps: ``snapkv`` scores
+    by the last chunk's last queries (the question) over every token of the prompt. Costs the whole
+    prompt's KV until then, as an unchunked prefill does. Other caches (transformers' own): no-op.
+
+    A ratio budget resolves on the cache's first step: give a token budget, or a cache that has already
+    seen a step (:func:`sinklora.serve.engine.resolve_budget` turns a ratio of the whole prompt into tokens)."""
+    layers = [layer for layer in getattr(cache, "layers", []) if isinstance(layer, LayerBase)]
+    if layers and isinstance(cache.policy.budget, float) and not layers[0].resolved:
+        raise ValueError(f"deferred_eviction: budget={cache.policy.budget} is a ratio of the first step, and the "
+                         "first step would be one chunk of the prompt; give the budget in tokens of the whole prompt")
+    for layer in layers:
+        layer.deferred = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.deferred = False
 
 
 def num_cache_layers(model: Any) -> int:

@@ -26,6 +26,7 @@ class LayerBase(DynamicLayer):
     def __init__(self, policy: KVPolicy, layer_idx: int = 0, num_layers: int = 1, score_method: str = "auto"):
         super().__init__()
         self.policy, self.layer_idx, self.num_layers, self.score_method = policy, layer_idx, num_layers, score_method
+        self.deferred = False  # inside sinklora.hf.cache.deferred_eviction: keep every token for now
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -72,6 +73,11 @@ class LayerBase(DynamicLayer):
             if both is not None:
                 return both
         return causal_attention(module, query, key, value, None, scaling, dropout), None
+
+    def counts_step(self) -> bool:
+        """Does this step's attention add to the scores? Not a deferred step of a policy that counts only a
+        step's last queries: its window is the end of the prompt, which the step after the deferral holds."""
+        return self.policy.needs_attention and not (self.deferred and self.policy.score_window is not None)
 
     def step_scores(self, query: torch.Tensor, key: torch.Tensor, scaling: float, past: int,
                     key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -212,8 +218,11 @@ class PolicyLayer(LayerBase):
         """After this step's attention over ``key``: add its scores (if the policy needs them) and evict down
         to the budget. ``probs``: this step's (B, Hkv, slots) attention column sums, if the attention computed them."""
         past, self.step = self.step, None
-        if self.policy.needs_attention:
+        if self.counts_step():
             self.attention += self.step_scores(query, key, scaling, past) if probs is None else probs
+        if self.deferred:
+            self._track()
+            return
         split = self.split
         state = SlotState(self.keys, self.values, self.positions, self.seen, self.attention, query, self.layer_idx,
                           self.num_layers)

@@ -97,7 +97,8 @@ class SlackLayer(LayerBase):
         n_new = key_states.shape[-2]
         self._begin(n_new)
         self.step = self.n
-        if n_new == 1 and self.buf and self.n < self.buf["keys"].shape[2]:  # in place: no new tensor
+        if n_new == 1 and self.buf and self.loose is None and not self.deferred and self.n < self.buf["keys"].shape[2]:
+            # in place: no new tensor
             slot = self._slot(self.n)
             self.buf["keys"].index_copy_(2, slot, key_states)
             self.buf["values"].index_copy_(2, slot, value_states)
@@ -137,11 +138,14 @@ class SlackLayer(LayerBase):
         down to the budget once more than ``budget + slack`` slots are in use (a ragged policy: once
         ``slack`` more than its widest head kept at the last eviction)."""
         past, self.step = self.step, None
-        if self.policy.needs_attention and self.loose is None:
+        if self.policy.needs_attention and self.loose is None:  # a one-token step, written in place
             self._keep_query(query)
-        elif self.policy.needs_attention:
+        elif self.counts_step():
             alive = self.loose.get("alive")
             self.loose["attention"] += self.step_scores(query, key, scaling, past, alive) if probs is None else probs
+        if self.deferred:  # the slots stay loose until the step after the deferral
+            self._track()
+            return
         if self.n > max(self.split.total, self.width) + self.slack:
             self._evict(query)
         elif self.loose is not None:

@@ -18,6 +18,7 @@ runs (``attach_cache``), so one model instance serves requests one after another
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 
 from sinklora.hf.attention import attach_cache
+from sinklora.hf.cache import deferred_eviction
 from sinklora.settings import CacheOptions
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,16 @@ def resolve_budget(options: CacheOptions, prompt_len: int) -> CacheOptions:
         return options
     split = policy.split(prompt_len)
     return dataclasses.replace(options, budget=None if split is None else str(split.total))
+
+
+def prefill_chunks(start: int, stop: int, chunk: int, last_at_least: int = 1) -> list[tuple[int, int]]:
+    """``[start, stop)`` in steps of ``chunk`` tokens, the last step at least ``last_at_least`` long (a
+    policy's score window: the queries of the prompt's end must be in the step that evicts); a shorter
+    last step joins the ones before."""
+    bounds = list(range(start, stop, chunk)) + [stop]
+    while len(bounds) > 2 and stop - bounds[-2] < last_at_least:
+        del bounds[-2]
+    return list(zip(bounds, bounds[1:]))
 
 
 def eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -184,11 +196,15 @@ class Generation:
         stream, ends = TextStream(self.tokenizer, self.sampling.stop), eos_ids(self.model, self.tokenizer)
         try:
             with torch.inference_mode(), attach_cache(self.model, self.cache) as cache_kw:
-                while self.cached < len(self.prompt_ids):  # prefill, chunk by chunk
+                window = getattr(getattr(self.cache, "policy", None), "score_window", None) or 1
+                for start, stop in prefill_chunks(self.cached, len(self.prompt_ids), self.prefill_chunk, window):
                     if self.should_stop():
                         self.finish_reason = "cancelled"
                         return
-                    logits = self._forward(self.prompt_ids[self.cached : self.cached + self.prefill_chunk], cache_kw)
+                    # evict once, at the last chunk: the cache keeps what the whole prompt in one step keeps
+                    last = stop == len(self.prompt_ids)
+                    with contextlib.nullcontext() if last else deferred_eviction(self.cache):
+                        logits = self._forward(self.prompt_ids[start:stop], cache_kw)
                 while self.finish_reason is None:  # decode, token by token
                     token = next_token(logits, self.sampling, generator)
                     self.token_ids.append(token)
