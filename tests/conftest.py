@@ -96,6 +96,15 @@ def tokenizer():
     return tiny_tokenizer()
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny models on a shared 2-core machine lose 10-50x to thread contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def save_tiny_base(folder: Path, **overrides) -> Path:
     """A tiny Llama + byte tokenizer saved as a local HF folder (the "local path" model)."""
     tiny_llama(**overrides).save_pretrained(folder)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_llama
+
 from sinklora.hf.attention import attach_cache
 from sinklora.hf.cache import make_cache
 

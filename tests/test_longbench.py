@@ -185,12 +185,6 @@ def assets(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_generate_answer_matches_generate_and_honours_stops(one_thread):

@@ -14,7 +14,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import tiny_llama, tiny_tokenizer
 
 from sinklora.config import ConfigError, load_config
@@ -233,12 +232,6 @@ def assets(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core machine
-    yield
-    torch.set_num_threads(n)
 
 
 def test_command_end_to_end_full_and_h2o(assets, tmp_path, one_thread):

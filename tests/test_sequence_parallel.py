@@ -38,13 +38,7 @@ needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="needs DeepSpeed 
                                                                 "shows the CPU install; .ci/run installs it)")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models on a shared 2-core machine: thread contention costs 10-50x (the 2 processes get 1 each)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- a rank's heads ------------------------------------------------------------------------------
