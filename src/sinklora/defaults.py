@@ -32,3 +32,8 @@ LONGALPACA_PLUS = {"nq.jsonl": 0.44, "redpajama.jsonl": 0.27, "book_summarizatio
 
 # evaluation
 PPL_CHUNK_TOKENS = 1024  # positions per output-embedding chunk when scoring perplexity (bounds logits memory)
+
+
+def is_default_alias(name: str) -> bool:
+    """Does ``name`` (a ``model=`` value) mean the default model?"""
+    return str(name).strip().lower() == DEFAULT_MODEL

