@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="outputs/bench_cache.json")
     p.add_argument("--resume", action="store_true", help="keep the rows already in --out and skip them")
     p.add_argument("--table", nargs="+", metavar="JSON", help="print the merged markdown table of these files and exit")
+    p.add_argument("--ruler", nargs="+", metavar="JSON", default=[],
+                   help="with --table: `sinklora eval ruler` results whose per-cache averages fill the RULER column")
     return p.parse_args(argv)
 
 
@@ -250,10 +252,25 @@ def _key(row: dict) -> tuple[str, float | None]:
     return row["policy"], row["budget"]
 
 
-def table(paths: list[str]) -> str:
-    """One markdown table of every policy x budget from the parts' result files (later files win)."""
+def ruler_averages(paths: list[str]) -> tuple[dict[tuple, float], list[str]]:
+    """(policy, budget) -> RULER average over tasks and lengths, from ``sinklora eval ruler`` result files."""
+    averages, notes = {}, []
+    for path in paths:
+        result = json.loads(Path(path).read_text())
+        meta = result["metadata"]
+        notes.append(f"`{Path(path).name}`: RULER, {len(result['tasks'])} tasks at {meta['lengths']} tokens, "
+                     f"{meta['samples']} sample(s) each, on {meta['model_info']['device']}")
+        for entry in result["summary"]:
+            policy, _, budget = entry["cache"].partition("@")
+            averages[policy, float(budget) if budget else None] = entry["average"]
+    return averages, notes
+
+
+def table(paths: list[str], ruler_paths: list[str] = ()) -> str:
+    """One markdown table of every policy x budget from the parts' result files (later files win) and,
+    for the RULER column, ``sinklora eval ruler`` result files."""
     rows: dict[tuple, dict] = {}
-    notes = []
+    ruler, notes = ruler_averages(list(ruler_paths))
     for path in paths:
         result = json.loads(Path(path).read_text())
         s = result["settings"]
@@ -284,7 +301,8 @@ def table(paths: list[str]) -> str:
         cells = [r["policy"], "-" if r["budget"] is None else f"{r['budget']:.0%}",
                  "-" if "kv_bytes" not in r else f"{r['kv_bytes'] / 2**20:.1f}",
                  ratio(r, "ops_per_step", "{:.0f}"), decode, prefill, passkey,
-                 "-" if "ppl" not in r else f"{r['ppl']:.3f}", "not yet"]
+                 "-" if "ppl" not in r else f"{r['ppl']:.3f}",
+                 f"{ruler[key]:.1f}" if key in ruler else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
@@ -297,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     if args.table:
-        print(table(args.table))
+        print(table(args.table, args.ruler))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
