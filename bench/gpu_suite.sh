@@ -109,25 +109,29 @@ stage_compare() {  # full vs s2 vs sf at 16k, run to the end: the improvement ra
 }
 
 stage_cache() {  # KV caches at an 8k prompt, 20%: decode tokens/s against the full cache (alternated in one
-  # process) and ATen ops per decode step for every policy, then snapkv evicting every step (slack 0)
+  # process) and ATen ops per decode step, snapkv (the default) first, then snapkv evicting every step (slack 0)
   if [ $DRY = 1 ]; then
     $PY bench/bench_cache.py --device cpu --parts speed --prompt-len 256 --block 4 --rounds 1 --budgets 0.2 \
         --policies snapkv sink --out "$WORK/cache_speed.json"
     return
   fi
-  $PY bench/bench_cache.py --device cuda --parts speed --budgets 0.2 --rounds 3 --out "$WORK/cache_speed.json"
-  $PY bench/bench_cache.py --device cuda --parts speed --budgets 0.2 --slack 0 --policies snapkv h2o --rounds 3 \
-      --out "$WORK/cache_speed_slack0.json"
+  $PY bench/bench_cache.py --device cuda --machine gpu-suite --parts speed --budgets 0.2 --policies snapkv h2o sink \
+      --rounds 2 --block 33 --out "$WORK/cache_speed.json"
+  $PY bench/bench_cache.py --device cuda --machine gpu-suite --parts speed --budgets 0.2 --slack 0 --policies snapkv \
+      --rounds 2 --block 33 --out "$WORK/cache_speed_slack0.json"
 }
 
-stage_cache_quality() {  # prefill time and passkey at 4k per policy at 20% (the CPU table has them too)
+stage_cache_quality() {  # the other policies' speed, then prefill time and passkey at 4k per policy at 20%
   if [ $DRY = 1 ]; then
     $PY bench/bench_cache.py --device cpu --parts prefill passkey --prompt-len 256 --passkey-length 256 \
-        --passkey-depths 0.5 --passkey-trials 1 --prefill-repeats 1 --budgets 0.5 --policies snapkv --out "$WORK/cache_quality.json"
+        --passkey-depths 0.5 --passkey-trials 1 --prefill-repeats 1 --budgets 0.5 --policies snapkv \
+        --out "$WORK/cache_quality.json"
     return
   fi
-  $PY bench/bench_cache.py --device cuda --parts prefill passkey --budgets 0.2 --prefill-repeats 3 --passkey-trials 2 \
-      --out "$WORK/cache_quality.json"
+  $PY bench/bench_cache.py --device cuda --machine gpu-suite --parts speed --budgets 0.2 --policies pyramidkv adakv local \
+      --rounds 2 --block 33 --out "$WORK/cache_speed_more.json"
+  $PY bench/bench_cache.py --device cuda --machine gpu-suite --parts prefill passkey --budgets 0.2 --prefill-repeats 3 \
+      --passkey-trials 2 --out "$WORK/cache_quality.json"
 }
 
 stage_ruler() {  # RULER at 8k-32k (SmolLM2 is trained to 8k): the full cache and SnapKV at 20%, one sample per
