@@ -24,7 +24,7 @@ WARMUP_STEPS = 20
 CACHE_SINK_TOKENS = 4  # StreamingLLM's 4 attention sinks (policy `sink`)
 HEAVY_RATIO = 0.5  # H2O: half of the non-sink budget for heavy hitters, half for recent tokens
 CACHE_SLACK = 64  # amortised eviction: grow to budget + slack tokens, then evict down to the budget at once
-CACHE_BUDGET_FLOOR = 256  # a ratio budget never resolves below this many tokens (keeps a short prompt's question)
+CACHE_BUDGET_FLOOR = 256  # chat and serve: a ratio budget keeps at least this many tokens (and the question)
 CACHE_AUTO_POLICY = "snapkv"  # cache=auto with a budget (BENCHMARKS.md: retrieval and speed at 20%)
 
 # instruction data: the paper's LongAlpaca-plus mixture (28,000 samples), by source file and share

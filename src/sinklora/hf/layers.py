@@ -59,9 +59,9 @@ class LayerBase(DynamicLayer):
     def _check_padding(self, key_padding: torch.Tensor | None) -> None:
         if key_padding is not None:
             raise ValueError(
-                f"cache policy {self.policy.name!r} got a padded batch (attention_mask has zeros): evicting caches keep "
-                "different slots per row and cannot follow padding. Pass equal-length prompts (group them by length) "
-                "or one prompt at a time; policy 'full' accepts padded batches")
+                f"cache policy {self.policy.name!r} got a padded batch (attention_mask has zeros): evicting caches "
+                "keep different slots per row and cannot follow padding. Pass equal-length prompts (group them by "
+                "length) or one prompt at a time; policy 'full' accepts padded batches")
 
     def _attention(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    scaling: float, dropout: float) -> tuple[torch.Tensor, torch.Tensor | None]:
