@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from sinklora.attention import masks
+from sinklora.attention.batch import per_batch
 from sinklora.attention.pattern import PatternSpec
 
 _RECOMPILE_LIMIT = 64
@@ -95,17 +96,15 @@ def block_mask(spec: PatternSpec, key_padding_mask: torch.Tensor | None, doc_len
     run), else one per batch (kept in ``batch_cache``, shared by every layer)."""
     if key_padding_mask is None and doc_lengths is None:
         return _plain_block_mask(spec, str(device))
-    key = ("flex", spec, doc_lengths, str(device))
-    if batch_cache is not None and key in batch_cache:
-        return batch_cache[key]
-    _, create_block_mask = _compiled()
-    batch = None if key_padding_mask is None else key_padding_mask.shape[0]
-    mod = mask_mod(spec, key_padding_mask, doc_lengths, device)
-    made = create_block_mask(mod, batch, spec.num_heads, spec.seq_len, spec.seq_len, device=device,
-                             BLOCK_SIZE=BLOCK_SIZE)
-    if batch_cache is not None:
-        batch_cache[key] = made
-    return made
+
+    def build():
+        _, create_block_mask = _compiled()
+        batch = None if key_padding_mask is None else key_padding_mask.shape[0]
+        mod = mask_mod(spec, key_padding_mask, doc_lengths, device)
+        return create_block_mask(mod, batch, spec.num_heads, spec.seq_len, spec.seq_len, device=device,
+                                 BLOCK_SIZE=BLOCK_SIZE)
+
+    return per_batch(batch_cache, ("flex", spec, doc_lengths, str(device)), build)
 
 
 def flex_sparse_attention(

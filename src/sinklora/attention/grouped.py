@@ -28,6 +28,7 @@ from functools import lru_cache
 
 import torch
 
+from sinklora.attention.batch import per_batch
 from sinklora.attention.fused import bottom_right_causal
 from sinklora.attention.pattern import PatternSpec
 
@@ -135,14 +136,11 @@ def _clean_attention(q_g, k_g, v_g, scale):
 def _device_layouts(spec: PatternSpec, doc_lengths: tuple[int, ...], device: torch.device,
                     batch_cache: dict | None) -> tuple[_Layout, ...]:
     """The layouts on ``device``, copied there once per batch (every layer of a forward shares them)."""
-    key = ("grouped", spec, doc_lengths, str(device))
-    if batch_cache is not None and key in batch_cache:
-        return batch_cache[key]
-    moved = tuple(_Layout(lay.heads, lay.slot_token.to(device), lay.key_token.to(device), lay.allowed.to(device),
-                          lay.token_slot.to(device), lay.num_clean) for lay in _layouts(spec, doc_lengths))
-    if batch_cache is not None:
-        batch_cache[key] = moved
-    return moved
+    def build() -> tuple[_Layout, ...]:
+        return tuple(_Layout(lay.heads, lay.slot_token.to(device), lay.key_token.to(device), lay.allowed.to(device),
+                             lay.token_slot.to(device), lay.num_clean) for lay in _layouts(spec, doc_lengths))
+
+    return per_batch(batch_cache, ("grouped", spec, doc_lengths, str(device)), build)
 
 
 def grouped_attention(

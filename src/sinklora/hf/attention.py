@@ -40,7 +40,8 @@ from typing import Any
 import torch
 
 from sinklora.attention import Pattern, as_pattern, sparse_attention
-from sinklora.hf.sdpa import causal_attention, memo
+from sinklora.attention.batch import per_batch
+from sinklora.hf.sdpa import causal_attention
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def _packed_documents(query: torch.Tensor, key: torch.Tensor, key_padding: torch
             return tuple(b - a for a, b in zip(bounds, bounds[1:]))
         return documents_from_positions(kwargs.get("position_ids"), query.shape[2])
 
-    return memo(batch_cache, ("documents", query.shape[2]), find)
+    return per_batch(batch_cache, ("documents", query.shape[2]), find)
 
 
 def _pattern_attention(module, pattern: Pattern, query, key, value, key_padding, scaling, dropout, kwargs,

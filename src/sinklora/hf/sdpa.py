@@ -7,14 +7,7 @@ from __future__ import annotations
 
 import torch
 
-
-def memo(cache: dict | None, key, build):
-    """``build()`` once per batch when there is a batch cache, else on every call."""
-    if cache is None:
-        return build()
-    if key not in cache:
-        cache[key] = build()
-    return cache[key]
+from sinklora.attention.batch import per_batch
 
 
 def causal_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -29,7 +22,7 @@ def causal_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     q_len, kv_len = query.shape[2], key.shape[2]
     mask = None
     if key_padding is not None or doc_lengths is not None or 1 < q_len < kv_len:
-        mask = memo(batch_cache, ("causal", q_len, kv_len, doc_lengths),
+        mask = per_batch(batch_cache, ("causal", q_len, kv_len, doc_lengths),
                      lambda: _causal_mask(q_len, kv_len, key_padding, doc_lengths, query.device))
     out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
                                     is_causal=mask is None and q_len > 1)
