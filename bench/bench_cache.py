@@ -7,7 +7,7 @@ Parts (``--parts``, each a list of rows written to ``--out`` after every row, so
 - ``speed``: the full cache and each policy prefill the same ``--prompt-len`` prompt; then, alternating
   full / policy in blocks of ``--block`` greedy one-token forwards (``--rounds`` each), decode tokens/s
   and its ratio to the full cache's in the same round (median over rounds). Then the ATen operations of
-  the next decode steps are counted (:class:`sinklora.cache.opcount.OpCounter`): 64 steps, rounded up to
+  the next decode steps are counted (:class:`sinklora.counters.OpCounter`): 64 steps, rounded up to
   whole eviction periods (``slack + 1`` steps) so the eviction is counted in proportion. KV MiB: the
   bytes the cache holds (allocated buffers: budget + slack + 1 slots). Prefill: one timing per policy
   (full: the first and the last of the run).
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from sinklora.cache.opcount import OpCounter
+from sinklora.counters import OpCounter
 from sinklora.hf.attention import attach_cache
 from sinklora.hf.cache import make_cache
 
@@ -128,7 +128,7 @@ def count_ops(model, cache, token: torch.Tensor) -> dict:
     steps, counter = ops_steps(cache), OpCounter()
     decode(model, cache, token, steps, counter)
     top = counter.by_name().most_common()
-    return {"ops_per_step": counter.total / steps, "kernels_per_step": counter.kernels / steps, "ops_steps": steps,
+    return {"ops_per_step": counter.ops / steps, "kernels_per_step": counter.kernels / steps, "ops_steps": steps,
             "ops_by_name_per_step": {name: n / steps for name, n in top}}
 
 

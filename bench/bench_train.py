@@ -15,7 +15,7 @@ patterns once per attention backend (``default`` = the device's rule, else force
 ``$SINKLORA_ATTENTION_BACKEND``); ``full`` always runs PyTorch's causal SDPA.
 
 ``--count`` (CPU proxy for the hot path): instead of timing, counts the operators dispatched and the
-host reads (what synchronises with the GPU on CUDA; :mod:`sinklora.attention.counters`) in one step,
+host reads (what synchronises with the GPU on CUDA; :mod:`sinklora.counters`) in one step,
 for three batches: ``plain`` (one row, as ``sinklora train`` feeds), ``padded`` (two rows, right
 padding, as the SFT collator) and ``packed`` (one row of three documents, positions restarting).
 Writes JSON rows to --out and prints a markdown table.
@@ -127,7 +127,7 @@ def measure(model, pattern: str, n: int, repeats: int, device: str) -> dict:
 def count(model, pattern: str, kind: str, n: int, device: str) -> dict:
     """Operators and host reads of one training step (after a warm-up step): forward + backward, and
     the optimizer step apart (AdamW's reads are its step counters, host tensors: no GPU sync)."""
-    from sinklora.attention.counters import OpCounter
+    from sinklora.counters import OpCounter
     from sinklora.hf.attention import use_attention
 
     batch = make_batch(kind, n, model.config.vocab_size, device)

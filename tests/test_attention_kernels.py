@@ -10,8 +10,8 @@ import torch
 from test_attention import PATTERN_TABLE, TABLE_IDS, _out_and_grads, _qkv, _rel_err, backend_rows
 
 from sinklora.attention import Pattern, backends, flex, fused, sparse_attention
-from sinklora.attention.counters import OpCounter
 from sinklora.attention.reference import dense_attention, reference_mask
+from sinklora.counters import OpCounter
 
 # ---- FlexAttention's mask_mods on CPU ------------------------------------------------------------
 

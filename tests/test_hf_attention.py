@@ -150,7 +150,7 @@ def test_trainer_runs_with_sparse_attention(tmp_path):
 
 
 def _host_reads_of_a_training_step(model, batch: dict, pattern: str) -> tuple[int, dict]:
-    from sinklora.attention.counters import OpCounter
+    from sinklora.counters import OpCounter
 
     with use_attention(model, pattern, **({} if pattern == "full" else {"group_size": 8})):
         with OpCounter() as c:

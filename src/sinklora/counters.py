@@ -8,6 +8,7 @@ and Python work. Both can be counted on CPU, where they are deterministic, with 
     with OpCounter() as c:
         model(ids, labels=ids).loss.backward()
     c.ops, c.kernels, c.host_reads, c.reads   # operators, those not views, host reads and which ones
+    c.by_name()                               # calls per overload, e.g. {"aten.cat.default": 60, ...}
 
 ``host_reads`` counts what would synchronise on CUDA: ``aten._local_scalar_dense`` (behind ``item``,
 ``bool``, ``int``), the ops whose output size depends on values (``nonzero``, ``masked_select``,
@@ -16,7 +17,8 @@ inside its kernel), and the tensor methods that copy to the host (``tolist``, ``
 whose CPU versions dispatch nothing. Those methods are seen through a profile hook
 (``sys.setprofile``) because torch-function modes are not active in the recomputation that activation
 checkpointing runs inside backward (dispatch modes are); ``repeat_interleave`` is seen by a function
-mode, so not there. Used by ``tests/test_hf_attention.py`` and ``bench/bench_train.py --count``.
+mode, so not there. Used for training steps (``bench/bench_train.py --count``, ``tests/test_hf_attention.py``)
+and KV-cache decode steps (``bench/bench_cache.py``, ``tests/test_cache_slack.py``).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class _Dispatch(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        self.owner.op_names[name] += 1
+        self.owner.overloads[func] += 1
         if not func.is_view and name not in _NO_KERNEL:
             self.owner.kernels += 1
         if name in _SYNC_OPS:
@@ -72,14 +74,26 @@ class OpCounter:
     autograd engine runs backward on the calling thread, so backward is counted too)."""
 
     def __init__(self) -> None:
-        self.op_names: Counter[str] = Counter()
+        self.overloads: Counter = Counter()  # OpOverload -> calls
         self.reads: Counter[str] = Counter()
         self.kernels = 0  # operators that are not views: on a GPU each launches work
         self._modes = (_Function(self), _Dispatch(self))
 
     @property
     def ops(self) -> int:
-        return sum(self.op_names.values())
+        return sum(self.overloads.values())
+
+    @property
+    def op_names(self) -> Counter[str]:
+        """Calls per operator name (``add``), overloads together."""
+        names: Counter[str] = Counter()
+        for func, n in self.overloads.items():
+            names[func.overloadpacket.__name__] += n
+        return names
+
+    def by_name(self) -> Counter[str]:
+        """Calls per overload (``aten.add.Tensor``)."""
+        return Counter({str(func): n for func, n in self.overloads.items()})
 
     @property
     def host_reads(self) -> int:
