@@ -31,13 +31,11 @@ def generate_answer(model: Any, tokenizer: Any, prompt_ids: Sequence[int], max_n
 
     from sinklora.hf.attention import attach_cache
     from sinklora.hf.cache import make_cache
+    from sinklora.models.loading import eos_ids
 
     device = getattr(model, "device", None) or next(model.parameters()).device
     kv = cache.make(model) if cache is not None else make_cache(model, "full")
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-        eos.append(tokenizer.eos_token_id)
+    eos = eos_ids(model, tokenizer)
     eos += [int(i) for i in stop_ids if int(i) not in eos]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)  # (1, N)

@@ -42,6 +42,14 @@ _GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 _SOURCE_RECORD = "sinklora_source.json"
 
 
+def eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Token ids that end a reply, each once: the generation config's ``eos_token_id`` (one or a list),
+    then the tokenizer's."""
+    found = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [*(found if isinstance(found, (list, tuple)) else [found]), tokenizer.eos_token_id]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
 def cache_root() -> Path:
     """``$SINKLORA_CACHE`` or ``~/.cache/sinklora``."""
     return Path(os.environ.get("SINKLORA_CACHE") or Path.home() / ".cache" / "sinklora").expanduser()

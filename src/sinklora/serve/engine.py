@@ -30,6 +30,7 @@ import torch
 
 from sinklora.hf.attention import attach_cache
 from sinklora.hf.cache import deferred_eviction
+from sinklora.models.loading import eos_ids
 from sinklora.settings import CacheOptions
 
 logger = logging.getLogger(__name__)
@@ -81,14 +82,6 @@ def prefill_chunks(start: int, stop: int, chunk: int, last_at_least: int = 1) ->
     while len(bounds) > 2 and stop - bounds[-2] < last_at_least:
         del bounds[-2]
     return list(zip(bounds, bounds[1:]))
-
-
-def eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    """Token ids that end a reply: the generation config's ``eos_token_id`` (one or a list) and the tokenizer's."""
-    found = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = set(found if isinstance(found, (list, tuple)) else [found])
-    ids.add(tokenizer.eos_token_id)
-    return {int(i) for i in ids if i is not None}
 
 
 class TextStream:
@@ -193,7 +186,7 @@ class Generation:
                 generator.seed()  # a fresh random seed, per request
             else:
                 generator.manual_seed(self.sampling.seed)
-        stream, ends = TextStream(self.tokenizer, self.sampling.stop), eos_ids(self.model, self.tokenizer)
+        stream, ends = TextStream(self.tokenizer, self.sampling.stop), set(eos_ids(self.model, self.tokenizer))
         try:
             with torch.inference_mode(), attach_cache(self.model, self.cache) as cache_kw:
                 window = getattr(getattr(self.cache, "policy", None), "score_window", None) or 1
