@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sinklora import atomic
 from sinklora.data.corpora import Document
 from sinklora.data.corpora import cache_dir as default_cache_dir
 
@@ -65,11 +65,9 @@ def tokenize_documents(docs: Sequence[Document], tokenizer, cache_dir: str | Pat
             out += _encode(batch, tokenizer)
             bar.update(sum(map(len, batch)))
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
         flat = np.fromiter((t for ids in out for t in ids), dtype=np.int32, count=sum(map(len, out)))
-        np.savez(tmp, ids=flat, lengths=np.array([len(ids) for ids in out], dtype=np.int64))
-        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+        with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:  # a concurrent reader never sees half a file
+            np.savez(f, ids=flat, lengths=np.array([len(ids) for ids in out], dtype=np.int64))
     log.info("tokenized %d documents: %d tokens", len(docs), sum(map(len, out)))
     return out
 
