@@ -39,12 +39,11 @@ import tarfile
 from pathlib import Path
 from typing import Callable, Iterable
 
-from sinklora.data.files import (  # noqa: F401  (read_json_records, load_hf_rows: re-exported)
+from sinklora.data.files import (
     RECORD_SUFFIXES,
     TEXT_SUFFIXES,
     OnError,
     check_user_source,
-    import_datasets,  # noqa: F401  (re-exported)
     is_saved_dataset,
     is_single_text_file,
     load_hf_rows,

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Literal, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sinklora.data.corpora import load_hf_rows, read_json_records
+from sinklora.data.files import load_hf_rows, read_json_records
 
 log = logging.getLogger(__name__)
 

@@ -160,7 +160,7 @@ def available_datasets(data: str, e: bool = False) -> list[str]:
 
 def load_records(data: str, dataset: str, e: bool = False, limit: int | None = None) -> list[dict]:
     """Records of ``dataset`` from a folder of JSONL files, or ``hf:REPO`` (config ``dataset[_e]``, split test)."""
-    from sinklora.data.corpora import import_datasets, read_json_records
+    from sinklora.data.files import import_datasets, read_json_records
 
     if dataset not in DATASETS:
         raise ValueError(f"dataset {dataset!r} is not a LongBench dataset; choose from {', '.join(DATASETS)}")
