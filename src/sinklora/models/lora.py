@@ -188,7 +188,7 @@ def read_tied(weights_file: str | os.PathLike) -> dict[str, str]:
 def store_tied_once(folder: str | os.PathLike, tied: dict[str, str]) -> int:
     """Rewrite ``folder``'s adapter file without the tied duplicates ``tied`` (atomically); returns bytes saved."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     path = Path(folder) / ADAPTER_WEIGHTS
     if not tied or not path.is_file():
@@ -202,16 +202,23 @@ def store_tied_once(folder: str | os.PathLike, tied: dict[str, str]) -> int:
     before = path.stat().st_size
     for dropped in tied:
         del weights[dropped]
-    with atomic.atomic_path(path) as tmp:
-        save_file(weights, tmp, metadata={"format": "pt", TIED_METADATA: json.dumps(tied, sort_keys=True)})
-    usual_permissions(path)
+    _rewrite_weights(path, weights, {TIED_METADATA: json.dumps(tied, sort_keys=True)})
     return before - path.stat().st_size
+
+
+def _rewrite_weights(path: Path, weights: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Replace the safetensors file ``path`` with ``weights`` atomically, with the usual permissions."""
+    from safetensors.torch import save_file
+
+    with atomic.atomic_path(path) as tmp:
+        save_file(weights, tmp, metadata={"format": "pt", **(metadata or {})})
+    usual_permissions(path)
 
 
 def restore_tied(folder: str | os.PathLike) -> None:
     """Write the tied duplicates back into ``folder``'s adapter file (atomically), for readers that need
     every key, like the Trainer resuming a checkpoint through ``PeftModel.load_adapter``."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     path = Path(folder) / ADAPTER_WEIGHTS
     tied = read_tied(path)
@@ -220,9 +227,7 @@ def restore_tied(folder: str | os.PathLike) -> None:
     weights = load_file(path)
     for dropped, kept in tied.items():
         weights[dropped] = weights[kept].clone()
-    with atomic.atomic_path(path) as tmp:
-        save_file(weights, tmp, metadata={"format": "pt"})
-    usual_permissions(path)
+    _rewrite_weights(path, weights)
 
 
 def _umask() -> int:
