@@ -29,7 +29,7 @@ from sinklora.hf.attention import use_attention
 from sinklora.hf.sequence_parallel import training_attention
 from sinklora.models.rope import current_factor, original_length
 from sinklora.train.configs import PRESETS, EvalSettings, ExtendConfig
-from sinklora.train.recipe import build_model, make_trainer, prepare_output_dir, train_and_save
+from sinklora.train.recipe import build_model, evaluating, make_trainer, prepare_output_dir, train_and_save
 
 logger = logging.getLogger(__name__)
 
@@ -113,15 +113,10 @@ def fixed_rows(rows: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 
 def rows_loss(model, rows: torch.Tensor, pattern) -> float:
     """Mean next-token loss over ``rows`` (equal lengths) with the training attention ``pattern``."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
-    try:
-        with use_attention(model, pattern), torch.no_grad():
-            losses = [float(model(input_ids=r[None].to(device), labels=r[None].to(device), use_cache=False).loss)
-                      for r in rows]
-    finally:
-        model.train(was_training)
+    with evaluating(model), use_attention(model, pattern), torch.no_grad():
+        losses = [float(model(input_ids=r[None].to(device), labels=r[None].to(device), use_cache=False).loss)
+                  for r in rows]
     return sum(losses) / len(losses)
 
 
@@ -129,17 +124,11 @@ def evaluate(model, tokenizer, e: EvalSettings, label: str, data: tuple | None =
     """Held-out perplexity and passkey accuracy at ``e.length``, full attention; ``data`` from
     :func:`eval_documents` (read here when not given)."""
     names, token_lists = data or eval_documents(e, tokenizer)
-    was_training, use_cache = model.training, model.config.use_cache
-    model.eval()
-    model.config.use_cache = True
-    try:
+    with evaluating(model, use_cache=True):
         logger.info("evaluating %s: perplexity on %d held-out documents, passkey at %d tokens", label, len(names),
                     e.length)
         ppl = evaluate_perplexity(model, token_lists, [e.length], max_tokens=e.length)
         passkey = run_passkey(model, tokenizer, [e.length], e.passkey_depths, trials=e.passkey_trials, seed=e.seed)
-    finally:
-        model.train(was_training)
-        model.config.use_cache = use_cache
     row = ppl["by_length"][0]
     return {"label": label, "length": e.length, "ppl": row["ppl"], "ppl_tokens": row["tokens"],
             "ppl_docs": names, "passkey_accuracy": float(passkey["accuracy_by_length"][0]),

@@ -6,10 +6,12 @@ attention), the output folder's life cycle (refuse / resume / overwrite), the Tr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,21 @@ from sinklora.train.checkpoints import CheckpointTidy, last_checkpoint
 logger = logging.getLogger(__name__)
 
 RESOLVED_CONFIG = "sinklora_config.yaml"
+
+
+@contextlib.contextmanager
+def evaluating(model: Any, *, use_cache: bool | None = None) -> Iterator[None]:
+    """``model`` in eval mode inside the block (and ``config.use_cache`` set, when given); its training
+    mode and ``use_cache`` come back on exit, exceptions included."""
+    was_training, was_caching = model.training, model.config.use_cache
+    model.eval()
+    if use_cache is not None:
+        model.config.use_cache = use_cache
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        model.config.use_cache = was_caching
 
 
 # ---- the output folder ---------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from sinklora.hf.sequence_parallel import training_attention
 from sinklora.models.loading import load_config
 from sinklora.models.rope import current_factor, original_length
 from sinklora.train.configs import SFT_DEFAULTS, SFTConfig, check_lengths
-from sinklora.train.recipe import build_model, make_trainer, prepare_output_dir, train_and_save
+from sinklora.train.recipe import build_model, evaluating, make_trainer, prepare_output_dir, train_and_save
 
 logger = logging.getLogger(__name__)
 
@@ -174,22 +174,18 @@ def evaluate_tasks(model, tokenizer, records: list[dict], *, system_prompt: str 
 
     stop, device = _stop_ids(tokenizer, system_prompt), next(model.parameters()).device
     greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    was_training, rows = model.training, []
-    model.eval()
-    try:
-        with use_attention(model, "full"), torch.inference_mode():
-            for rec in tqdm(records, desc=f"tasks {label}".strip(), unit="task"):
-                ex = build_example(rec, tokenizer, max_len, system_prompt)
-                n = next(i for i, t in enumerate(ex["labels"]) if t != IGNORE_INDEX)
-                ids = torch.tensor([ex["input_ids"][:n]], device=device)  # (1, prompt)
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                     eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, use_cache=True, **greedy)
-                text = tokenizer.decode(out[0, n:], skip_special_tokens=True)
-                answer = str(rec.get("answer", rec["output"]))
-                rows.append({"task": rec.get("task", "all"), "prompt_tokens": n, "answer": answer,
-                             "prediction": text.strip(), "correct": normalize_answer(text) == normalize_answer(answer)})
-    finally:
-        model.train(was_training)
+    rows = []
+    with evaluating(model), use_attention(model, "full"), torch.inference_mode():
+        for rec in tqdm(records, desc=f"tasks {label}".strip(), unit="task"):
+            ex = build_example(rec, tokenizer, max_len, system_prompt)
+            n = next(i for i, t in enumerate(ex["labels"]) if t != IGNORE_INDEX)
+            ids = torch.tensor([ex["input_ids"][:n]], device=device)  # (1, prompt)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, use_cache=True, **greedy)
+            text = tokenizer.decode(out[0, n:], skip_special_tokens=True)
+            answer = str(rec.get("answer", rec["output"]))
+            rows.append({"task": rec.get("task", "all"), "prompt_tokens": n, "answer": answer,
+                         "prediction": text.strip(), "correct": normalize_answer(text) == normalize_answer(answer)})
     by_task: dict[str, list[bool]] = {}
     for r in rows:
         by_task.setdefault(r["task"], []).append(r["correct"])
