@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from sinklora import atomic
+
 logger = logging.getLogger(__name__)
 
 _LIBRARIES = ("sinklora", "torch", "transformers", "peft", "accelerate", "tokenizers")
@@ -112,12 +114,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_results(payload: dict[str, Any], path: str | Path) -> Path:
-    """Write ``payload`` as indented JSON (via a temporary file, so a crash never leaves half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
-    tmp.replace(path)
+    """Write ``payload`` as indented JSON, atomically (a crash never leaves half a file)."""
+    path = atomic.write_text(path, json.dumps(payload, indent=2, default=_jsonable) + "\n")
     logger.info("wrote %s", path)
     return path
 
