@@ -156,6 +156,32 @@ def test_lora_plus_trainable_set_and_saved_keys(tmp_path, tied):
     assert saved == expected
 
 
+@pytest.mark.parametrize("drift", ["frozen norm", "extra trainable"])
+def test_a_peft_that_trains_something_else_is_refused(drift):
+    """peft 0.22 stopped matching ``norm`` to ``input_layernorm``: whatever a peft release trains beyond or
+    short of the resolved modules, the check after wrapping names it (apply_lora_plus runs it)."""
+    model = tiny_llama()
+    found = lora.resolve_modules(model, LoraSettings())
+    targets = [n for hits in found["target_modules"].values() for n in hits]
+    extra = list(dict.fromkeys(n for hits in found["trainable_extra"].values() for n in hits))
+    assert len(targets) == 8 and len(extra) == 6  # 2 layers x (q, k, v, o); embed, 2 x 2 layer norms, final norm
+    peft_model = lora.apply_lora_plus(model, LoraSettings())
+    layer = peft_model.get_base_model().model.layers[0]
+    if drift == "frozen norm":
+        layer.input_layernorm.modules_to_save["default"].weight.requires_grad_(False)
+        match = "asked for but not trainable"
+    else:
+        layer.mlp.up_proj.weight.requires_grad_(True)
+        match = "trainable but not asked for"
+    with pytest.raises(RuntimeError, match=match):
+        lora.check_trained_set(peft_model, targets, extra)
+
+
+def test_a_module_both_targeted_and_fully_trained_is_refused():
+    with pytest.raises(ValueError, match="both target_modules and trainable_extra"):
+        lora.apply_lora_plus(tiny_llama(), LoraSettings(trainable_extra=["embed_tokens", "q_proj"]))
+
+
 def test_plain_lora_trains_with_checkpointing():
     settings = LoraSettings(trainable_extra=[])
     peft_model = lora.apply_lora_plus(tiny_llama(), settings)

@@ -70,27 +70,41 @@ class LoraSettings:
 
 
 def _matches(module_names: list[str], selector: str, *, suffix: bool) -> list[str]:
-    """Modules peft will pick for ``selector``: target_modules match the last path component(s),
-    modules_to_save match any name suffix (so ``norm`` matches ``input_layernorm``)."""
+    """The modules a selector names, by sinklora's rule (not peft's, which changed in 0.22): a
+    ``target_modules`` entry is a whole trailing path component (``q_proj``, ``self_attn.q_proj``), a
+    ``trainable_extra`` entry any suffix of a module name (``norm`` names ``input_layernorm`` too)."""
     if suffix:
         return [n for n in module_names if n.endswith(selector)]
     return [n for n in module_names if n == selector or n.endswith("." + selector)]
 
 
-def _check_selectors(model: torch.nn.Module, settings: LoraSettings) -> dict[str, list[str]]:
-    """Every selector must match at least one module (a selector that matches nothing trains nothing)."""
+def resolve_modules(model: torch.nn.Module, settings: LoraSettings) -> dict[str, dict[str, list[str]]]:
+    """``{"target_modules": {selector: [full names]}, "trainable_extra": {...}}``: every module each selector
+    names in ``model``. Every selector must name at least one module (one that names nothing trains nothing),
+    and no module may be both a LoRA target and fully trained."""
     names = [n for n, _ in model.named_modules() if n]
-    found, errors = {}, []
+    found: dict[str, dict[str, list[str]]] = {}
+    errors = []
     for field_name, suffix in (("target_modules", False), ("trainable_extra", True)):
+        found[field_name] = {}
         for selector in getattr(settings, field_name):
             hits = _matches(names, selector, suffix=suffix)
             if not hits:
                 errors.append(f"{field_name} entry {selector!r} matches no module of {type(model).__name__}")
-            found[selector] = hits
+            found[field_name][selector] = hits
+    both = set(_names(found["target_modules"])) & set(_names(found["trainable_extra"]))
+    if both:
+        errors.append(f"modules {sorted(both)[:3]} are named by both target_modules and trainable_extra: a module "
+                      "gets LoRA factors or is trained fully, not both")
     if errors:
         examples = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names})[:30])
         raise ValueError("; ".join(errors) + f" (module names include: {examples})")
     return found
+
+
+def _names(by_selector: dict[str, list[str]]) -> list[str]:
+    """The full module names of a selector table, each once, in model order of first appearance."""
+    return list(dict.fromkeys(n for hits in by_selector.values() for n in hits))
 
 
 @contextlib.contextmanager
@@ -109,23 +123,29 @@ def ties_embeddings(model: torch.nn.Module) -> bool:
 
 def apply_lora_plus(model: Any, settings: LoraSettings | None = None) -> Any:
     """Wrap ``model`` in a ``peft.PeftModel`` with LoRA on ``target_modules`` and full training of
-    ``trainable_extra``. Only LoRA A/B and the extra modules' copies are trainable afterwards."""
+    ``trainable_extra``. Only LoRA A/B and the extra modules' copies are trainable afterwards.
+
+    peft is handed the full module names sinklora resolved (:func:`resolve_modules`), never the selectors,
+    so its own name matching (peft 0.22 matches ``modules_to_save`` only at a dot boundary: ``norm`` no
+    longer names ``input_layernorm``) cannot change what is trained; :func:`check_trained_set` then checks
+    that the trainable and the saved tensors are exactly those modules' and raises otherwise."""
     from peft import LoraConfig, get_peft_model
 
     settings = settings or LoraSettings()
     errors = settings.validate()
     if errors:
         raise ValueError("invalid LoRA settings: " + "; ".join(errors))
-    found = _check_selectors(model, settings)
+    found = resolve_modules(model, settings)
+    targets, extra = _names(found["target_modules"]), _names(found["trainable_extra"])
     tied = ties_embeddings(model)
     embed_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
-    embed_trained = any(embed_name in found[sel] for sel in settings.trainable_extra)
+    embed_trained = embed_name in extra
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules),
-        modules_to_save=list(settings.trainable_extra) or None,
+        target_modules=targets,
+        modules_to_save=extra or None,
         # tied models (SmolLM2): the output layer must use the trained embedding copy, not the frozen one
         ensure_weight_tying=tied and embed_trained,
     )
@@ -133,14 +153,67 @@ def apply_lora_plus(model: Any, settings: LoraSettings | None = None) -> Any:
         peft_model = get_peft_model(model, config)
     if tied and embed_trained:
         assert ties_embeddings(peft_model.get_base_model()), "peft left lm_head untied from the trained embedding"
+    check_trained_set(peft_model, targets, extra)
     counts = trainable_counts(peft_model)
     logger.info(
-        "LoRA+ r=%d alpha=%g on %s; fully trained: %s; trainable parameters: %s",
-        settings.r, settings.alpha, ",".join(settings.target_modules),
-        ", ".join(f"{sel} ({len(found[sel])} modules)" for sel in settings.trainable_extra) or "none",
+        "LoRA+ r=%d alpha=%g on %s (%d modules); fully trained: %s; trainable parameters: %s",
+        settings.r, settings.alpha, ",".join(settings.target_modules), len(targets),
+        ", ".join(f"{sel} ({len(hits)} modules)" for sel, hits in found["trainable_extra"].items()) or "none",
         ", ".join(f"{k} {v:,}" for k, v in counts.items()),
     )
     return peft_model
+
+
+def expected_tensors(peft_model: Any, targets: list[str], extra: list[str]) -> tuple[set[str], set[str]]:
+    """``(trainable, saved)``: the parameter names a LoRA+ wrap must train and the keys peft must save, for
+    LoRA on ``targets`` and full training of ``extra`` (full module names), written from the definition
+    (every parameter of each extra module, A and B of each target), not read from peft's choices."""
+    base, adapter = peft_model.get_base_model(), peft_model.active_adapter
+    modules = dict(base.named_modules())
+    trainable, saved = set(), set()
+    for name in targets:
+        for ab in ("lora_A", "lora_B"):
+            trainable.add(f"base_model.model.{name}.{ab}.{adapter}.weight")
+            saved.add(f"base_model.model.{name}.{ab}.weight")
+    for name in extra:
+        original = getattr(modules[name], "original_module", modules[name])  # peft's wrapper keeps the frozen one
+        for pname, _ in original.named_parameters():
+            trainable.add(f"base_model.model.{name}.modules_to_save.{adapter}.{pname}")
+            saved.add(f"base_model.model.{name}.{pname}")
+    return trainable, saved
+
+
+def check_trained_set(peft_model: Any, targets: list[str], extra: list[str]) -> None:
+    """Raise unless ``peft_model`` trains exactly :func:`expected_tensors` and saves exactly those (plus, for
+    a tied output layer, the shared matrix once more, as peft writes it)."""
+    from peft import get_peft_model_state_dict
+
+    want_trainable, want_saved = expected_tensors(peft_model, targets, extra)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    saved = set(get_peft_model_state_dict(peft_model))
+    tied = {f"base_model.model.{n}" for n in tied_output_names(peft_model.get_base_model())}
+    problems = []
+    for what, got, want, allowed in (("trainable", trainable, want_trainable, set()),
+                                     ("saved", saved, want_saved, tied)):
+        if got - want - allowed:
+            problems.append(f"{what} but not asked for: {sorted(got - want - allowed)[:3]}")
+        if want - got:
+            problems.append(f"asked for but not {what}: {sorted(want - got)[:3]} ({len(want - got)} in all)")
+    if problems:
+        import peft
+
+        raise RuntimeError(f"peft {peft.__version__} does not train what sinklora asked for (LoRA on {len(targets)} "
+                           f"modules, {len(extra)} modules trained fully): " + "; ".join(problems)
+                           + ". Install a peft version sinklora supports (see pyproject.toml)")
+
+
+def tied_output_names(model: torch.nn.Module) -> list[str]:
+    """``["lm_head.weight"]`` when the output layer shares the input embedding's weight, else []."""
+    if not ties_embeddings(model):
+        return []
+    out = model.get_output_embeddings()
+    name = next(n for n, m in model.named_modules() if m is out)
+    return [f"{name}.weight"]
 
 
 def trainable_counts(peft_model: Any) -> dict[str, int]:
